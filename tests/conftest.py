@@ -1,0 +1,55 @@
+"""Shared test fixtures: where the real data lives, and skips when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = (REPO_ROOT.parent / "shared").resolve()
+CQ500_DIR = SHARED_DIR / "data" / "cq500-ct0"
+XRAY_DIR = SHARED_DIR / "data" / "xray"
+WEIGHTS_DIR = SHARED_DIR / "weights"
+
+
+@pytest.fixture(scope="session")
+def cq500_dir() -> Path:
+    """The real 238-slice head CT series (skips when ../shared/data is absent)."""
+    if not CQ500_DIR.is_dir():
+        pytest.skip(f"real data not available: {CQ500_DIR} is absent")
+    return CQ500_DIR
+
+
+@pytest.fixture(scope="session")
+def xray_dir() -> Path:
+    """Real chest radiographs (skips when ../shared/data is absent)."""
+    if not XRAY_DIR.is_dir():
+        pytest.skip(f"real data not available: {XRAY_DIR} is absent")
+    return XRAY_DIR
+
+
+@pytest.fixture(scope="session")
+def weights_mirror() -> Path:
+    """A model-store mirror directory holding blast-ct-v1 (skips when absent)."""
+    if not (WEIGHTS_DIR / "blast-ct-v1" / "model_1.pt").is_file():
+        pytest.skip(f"pretrained weights not available under {WEIGHTS_DIR}")
+    return WEIGHTS_DIR
+
+
+def pydicom_file(name: str) -> Path:
+    """A file shipped by pydicom or pydicom-data, found on disk (never downloaded)."""
+    import pydicom
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    try:
+        import data_store  # the pydicom-data package
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    for root in roots:
+        hits = sorted(root.rglob(name))
+        if hits:
+            return hits[0]
+    pytest.skip(f"test file {name} is not installed (pydicom-data missing?)")

@@ -1,0 +1,111 @@
+"""The Storage SCP with real DCMTK clients (echoscu, storescu)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import pydicom_file
+from tests.e2e.conftest import free_port
+from triage.db import Database
+from triage.db.tables import InstanceRow
+from triage.demo.run import dcmtk_tool
+from triage.ingest.scp import StoreContext, start_scp
+
+
+# storescu's option that proposes a file's own (compressed) transfer syntax first.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+}
+
+
+@pytest.fixture()
+def scp(tmp_path: Path) -> Iterator[tuple[int, Database]]:
+    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
+    db.migrate()
+    (tmp_path / "incoming").mkdir()
+    port = free_port()
+    server = start_scp(
+        host="127.0.0.1",
+        port=port,
+        ae_title="TRIAGE",
+        ctx=StoreContext(db=db, store_dir=tmp_path / "dicom", tmp_dir=tmp_path / "incoming"),
+    )
+    try:
+        yield port, db
+    finally:
+        server.shutdown()
+        db.dispose()
+
+
+def tool(name: str) -> str:
+    path = dcmtk_tool(name)
+    if path is None:
+        pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk; .ci/run does)")
+    return path
+
+
+def test_echo(scp: tuple[int, Database]) -> None:
+    port, _ = scp
+    subprocess.run([tool("echoscu"), "-aec", "TRIAGE", "127.0.0.1", str(port)], check=True)
+
+
+def test_wrong_called_ae_title_is_rejected(scp: tuple[int, Database]) -> None:
+    port, _ = scp
+    res = subprocess.run(
+        [tool("echoscu"), "-aec", "SOMEONE", "127.0.0.1", str(port)], capture_output=True
+    )
+    assert res.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",  # CT, explicit little endian
+        "MR_small_RLE.dcm",  # MR is not a stored class: refused by the SCP
+        "693_J2KR.dcm",  # CT, JPEG 2000 lossless: stored as received
+        "RG1_J2KI.dcm",  # CR, JPEG 2000
+        "SC_rgb_rle.dcm",  # secondary capture, RLE
+        "JPEG-LL.dcm",  # JPEG lossless
+    ],
+)
+def test_store_keeps_bytes_of_accepted_classes(
+    scp: tuple[int, Database], tmp_path: Path, name: str
+) -> None:
+    port, db = scp
+    src = pydicom_file(name)
+    ds = pydicom.dcmread(src)
+    accepted = ds.SOPClassUID.name.startswith(("CT", "Secondary", "Computed", "Digital X-Ray"))
+    res = subprocess.run(
+        [
+            tool("storescu"),
+            STORESCU_PROPOSE.get(str(ds.file_meta.TransferSyntaxUID), "-xe"),
+            "-aec",
+            "TRIAGE",
+            "127.0.0.1",
+            str(port),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    with db.session() as s:
+        rows = s.scalars(select(InstanceRow)).all()
+    if not accepted:
+        assert rows == []
+        return
+    assert res.returncode == 0, res.stderr
+    assert len(rows) == 1
+    stored = pydicom.dcmread(rows[0].path)
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == rows[0].TransferSyntaxUID
+    assert stored.pixel_array.shape == ds.pixel_array.shape

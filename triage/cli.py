@@ -1,0 +1,146 @@
+"""The ``triage`` command (typer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from triage.config import Settings
+
+app = typer.Typer(
+    add_completion=False, help="Radiology triage: DICOM in, prioritised worklist out."
+)
+console = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+@app.command()
+def serve(verbose: Verbose = False) -> None:
+    """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*)."""
+    _setup_logging(verbose)
+    from triage.serve.server import TriageService
+
+    settings = Settings()
+    service = TriageService(settings)
+    console.print(
+        f"[bold]triage[/] DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
+        f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}",
+        highlight=False,
+    )
+    service.serve_forever()
+
+
+def print_worklist(doc: dict[str, Any]) -> None:
+    table = Table(title="Reading worklist")
+    for col in ("#", "Study", "Modality", "AI", "Finding", "Why here"):
+        table.add_column(col)
+    for item in doc["items"]:
+        finding = "; ".join(
+            f"{f['finding']} {'FLAG' if f['flag'] else 'no flag'} "
+            f"(blood {sum(v for k, v in f['volumes_ml'].items() if k != 'oedema'):.1f} ml)"
+            for f in item["findings"]
+        )
+        style = "bold red" if any(f["flag"] for f in item["findings"]) else None
+        table.add_row(
+            str(item["rank"]),
+            item.get("StudyDescription") or item["StudyInstanceUID"][-16:],
+            "/".join(item.get("ModalitiesInStudy") or []),
+            item["ai_status"] + (f" ({item['ai_error']})" if item.get("ai_error") else ""),
+            finding or "-",
+            ", ".join(item["reasons"]),
+            style=style,
+        )
+    console.print(table)
+
+
+@app.command()
+def worklist(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
+) -> None:
+    """Print the reading worklist from the database (the same document as GET /api/worklist)."""
+    from triage.db import Database
+    from triage.worklist.service import worklist as build
+
+    settings = Settings()
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    doc = build(db)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        print_worklist(doc)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run preprocessing and the models on DICOM files without a server."""
+    _setup_logging(verbose)
+    from triage.pipeline import Analyzer, group_files
+
+    settings = Settings()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
+        raise typer.Exit(2)
+    analyzer = Analyzer(
+        model_cache_dir=settings.resolved_model_cache_dir,
+        model_mirror=settings.model_mirror,
+        device=settings.device,
+        members=settings.ensemble_members,
+        threshold_ml=settings.ich_threshold_ml,
+    )
+    studies = group_files(paths)
+    if not studies:
+        console.print("[red]no DICOM files found[/]")
+        raise typer.Exit(2)
+    results = [analyzer.analyze(uid, series).to_json() for uid, series in studies.items()]
+    doc = {"studies": results}
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    for r in results:
+        console.print(f"[bold]{r['StudyInstanceUID']}[/]: {r['ai_status']} {r['error'] or ''}")
+        for f in r["findings"]:
+            vols = ", ".join(f"{k} {v:.2f} ml" for k, v in f["volumes_ml"].items())
+            console.print(f"  {f['finding']}: flag={f['flag']} score={f['score']:.3f} ({vols})")
+
+
+@app.command()
+def demo(
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving/--exit", help="Keep serving the page afterwards.")
+    ] = True,
+    verbose: Verbose = False,
+) -> None:
+    """Start the server, send demo studies over DICOM, wait for the AI, show the worklist."""
+    _setup_logging(verbose)
+    from triage.demo.run import run_demo
+
+    run_demo(Settings(), console=console, keep_serving=keep_serving, print_worklist=print_worklist)
+
+
+if __name__ == "__main__":
+    app()

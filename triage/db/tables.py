@@ -1,0 +1,110 @@
+"""Database tables (SQLAlchemy 2 declarative). API schemas live in ``triage.serve``, not here.
+
+The schema is created and changed only by Alembic migrations in ``triage/migrations``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyRow(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    StudyInstanceUID: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    PatientID: Mapped[str | None] = mapped_column(String(64))
+    PatientName: Mapped[str | None] = mapped_column(String(324))
+    AccessionNumber: Mapped[str | None] = mapped_column(String(64))
+    StudyDescription: Mapped[str | None] = mapped_column(String(256))
+    StudyDate: Mapped[str | None] = mapped_column(String(16))
+    order_priority: Mapped[str | None] = mapped_column(String(16))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ai_status: Mapped[str] = mapped_column(String(32), default="pending")
+    ai_error: Mapped[str | None] = mapped_column(Text)
+    ai_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    series: Mapped[list[SeriesRow]] = relationship(back_populates="study", order_by="SeriesRow.id")
+    findings: Mapped[list[FindingRow]] = relationship(
+        back_populates="study", order_by="FindingRow.id", cascade="all, delete-orphan"
+    )
+
+
+class SeriesRow(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    SeriesInstanceUID: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    Modality: Mapped[str | None] = mapped_column(String(16))
+    SeriesDescription: Mapped[str | None] = mapped_column(String(256))
+    BodyPartExamined: Mapped[str | None] = mapped_column(String(64))
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # receiving: instances still arriving; complete: quiet period passed, study queued.
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+
+    study: Mapped[StudyRow] = relationship(back_populates="series")
+    instances: Mapped[list[InstanceRow]] = relationship(back_populates="series")
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    SOPInstanceUID: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    SOPClassUID: Mapped[str] = mapped_column(String(64))
+    TransferSyntaxUID: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str | None] = mapped_column(String(128))
+
+    series: Mapped[SeriesRow] = relationship(back_populates="instances")
+
+
+class JobRow(Base):
+    """One analysis of one study. A study has at most one job queued or running at a time."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    # Set when instances arrived while the job ran: the study is analysed again.
+    stale: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FindingRow(Base):
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("study_id", "finding", "model_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    flag: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    SeriesInstanceUID: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    mask_path: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[StudyRow] = relationship(back_populates="findings")

@@ -1,0 +1,147 @@
+"""``triage demo``: serve, send demo studies with a real DICOM client, show the worklist."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from triage.config import Settings
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """Path of a DCMTK command-line tool, skipping same-named scripts (pynetdicom ships a
+    ``storescu`` of its own) by checking that ``--version`` names DCMTK."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            out = subprocess.run(
+                [str(candidate), "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return str(candidate)
+    return None
+
+
+def send_dicom(
+    paths: Sequence[Path], *, host: str, port: int, called_ae: str, calling_ae: str = "DEMO"
+) -> str:
+    """Send files over DICOM C-STORE. Uses DCMTK's storescu when installed, else pynetdicom.
+
+    Returns:
+        The name of the client used.
+    """
+    storescu = dcmtk_tool("storescu")
+    if storescu:
+        subprocess.run(
+            [storescu, "-aet", calling_ae, "-aec", called_ae, host, str(port)]
+            + [str(p) for p in paths],
+            check=True,
+            capture_output=True,
+        )
+        return "storescu"
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from triage.ingest.scp import STORAGE_SOP_CLASSES
+
+    ae = AE(ae_title=calling_ae)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise RuntimeError(f"association with {called_ae}@{host}:{port} was not established")
+    try:
+        for p in paths:
+            status = assoc.send_c_store(dcmread(p))
+            if getattr(status, "Status", None) != 0:
+                raise RuntimeError(f"C-STORE of {p.name} failed")
+    finally:
+        assoc.release()
+    return "pynetdicom"
+
+
+def make_demo_studies(out_dir: Path) -> list[tuple[str, list[Path]]]:
+    """Synthetic head CTs (normal, haemorrhage) and a real radiograph from pydicom-data."""
+    from triage.demo.phantom import PhantomSpec, write_head_ct_series
+    from triage.demo.xray import write_demo_radiograph
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    studies = [
+        (
+            "head CT, normal (synthetic)",
+            write_head_ct_series(
+                out_dir / "ct-normal",
+                PhantomSpec(haemorrhage=False, seed=1),
+                patient_name="PHANTOM^NORMAL",
+            ),
+        ),
+        ("chest X-ray (pydicom-data)", write_demo_radiograph(out_dir / "xray")),
+        (
+            "head CT, haemorrhage (synthetic)",
+            write_head_ct_series(
+                out_dir / "ct-bleed",
+                PhantomSpec(haemorrhage=True, seed=2),
+                patient_name="PHANTOM^BLEED",
+            ),
+        ),
+    ]
+    return studies
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    console: Console,
+    keep_serving: bool,
+    print_worklist: Callable[[dict[str, Any]], None],
+    timeout_s: float = 900.0,
+) -> None:
+    from triage.serve.server import TriageService
+    from triage.worklist.service import worklist
+
+    service = TriageService(settings)
+    service.start_background()
+    service.start_http_thread()
+    url = f"http://{settings.http_host}:{settings.http_port}/"
+    console.print(
+        f"[bold]triage[/] is serving: page {url}  DICOM {settings.ae_title}@"
+        f"{settings.dicom_host}:{settings.dicom_port}",
+        highlight=False,
+    )
+    try:
+        studies = make_demo_studies(settings.data_dir / "demo-studies")
+        host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "") else settings.dicom_host
+        for label, paths in studies:
+            client = send_dicom(
+                paths, host=host, port=settings.dicom_port, called_ae=settings.ae_title
+            )
+            console.print(f"sent {label}: {len(paths)} instance(s) with {client}")
+        t0 = time.monotonic()
+        with console.status("waiting for the AI to read the studies…"):
+            while time.monotonic() - t0 < timeout_s:
+                doc = worklist(service.db)
+                if doc["items"] and all(i["ai_status"] != "pending" for i in doc["items"]):
+                    break
+                time.sleep(1.0)
+        console.print(f"AI finished in {time.monotonic() - t0:.0f} s")
+        print_worklist(worklist(service.db))
+        if keep_serving:
+            console.print(f"Open {url} to see the worklist. Ctrl-C stops.", highlight=False)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()

@@ -1,0 +1,66 @@
+"""Study assembly: a series is complete when no instance has arrived for a quiet period.
+
+When every series of a study is complete the study is queued for analysis. Instances that
+arrive later put their series back to ``receiving`` (see ``ingest.store``), and the study is
+queued again once it is quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triage.db import Database
+from triage.db.tables import JobRow, SeriesRow, StudyRow
+
+log = logging.getLogger(__name__)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything is stored in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def enqueue_study(s: Session, study: StudyRow, *, now: datetime) -> bool:
+    """Queue an analysis of the study unless one is already queued. Returns True if queued."""
+    queued = s.scalar(
+        select(JobRow.id).where(JobRow.study_id == study.id, JobRow.state == "queued")
+    )
+    if queued is not None:
+        return False
+    s.add(JobRow(study_id=study.id, state="queued", created_at=now, stale=0))
+    study.ai_status = "pending"
+    return True
+
+
+def complete_quiet_series(
+    db: Database, *, quiet_seconds: float, now: datetime | None = None
+) -> list[str]:
+    """Mark quiet series complete and queue studies whose series are all complete.
+
+    Returns:
+        StudyInstanceUIDs queued by this call.
+    """
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(seconds=quiet_seconds)
+    queued: list[str] = []
+    with db.session() as s:
+        receiving = s.scalars(select(SeriesRow).where(SeriesRow.state == "receiving")).all()
+        touched: set[int] = set()
+        for series in receiving:
+            if _as_utc(series.last_received_at) <= cutoff:
+                series.state = "complete"
+                touched.add(series.study_id)
+        for study_id in sorted(touched):
+            study = s.get(StudyRow, study_id)
+            if study is None:
+                continue
+            if any(se.state != "complete" for se in study.series):
+                continue
+            if enqueue_study(s, study, now=now):
+                queued.append(study.StudyInstanceUID)
+                log.info("study #%d complete, queued for analysis", study.id)
+    return queued

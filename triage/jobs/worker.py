@@ -1,0 +1,171 @@
+"""The background worker: completes quiet series, claims queued jobs, runs the analysis.
+
+Runs as a thread inside ``triage serve``. Jobs live in the database, so a restart loses
+nothing: jobs left ``running`` by a crash are queued again at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import delete, select, update
+
+from triage.db import Database
+from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
+from triage.domain import AIStatus
+from triage.ingest.assembly import complete_quiet_series
+from triage.pipeline import Analyzer, SeriesFiles, StudyAnalysis
+from triage.results import overlay_path, save_overlay
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Assembles studies and analyses them, one at a time, in a background thread."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        analyzer: Analyzer,
+        results_dir: Path,
+        quiet_seconds: float,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.analyzer = analyzer
+        self.results_dir = results_dir
+        self.quiet_seconds = quiet_seconds
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def requeue_interrupted(self) -> int:
+        """Jobs that were running when the process died are queued again."""
+        with self.db.session() as s:
+            result = s.execute(
+                update(JobRow).where(JobRow.state == "running").values(state="queued")
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def start(self) -> None:
+        n = self.requeue_interrupted()
+        if n:
+            log.info("re-queued %d interrupted job(s)", n)
+        self._thread = threading.Thread(target=self._run, name="triage-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                complete_quiet_series(self.db, quiet_seconds=self.quiet_seconds)
+                if self.run_one():
+                    continue
+            except Exception:
+                log.exception("worker iteration failed")
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def claim(self) -> tuple[int, int, str] | None:
+        """Claim the oldest queued job: (job id, study id, StudyInstanceUID) or None."""
+        with self.db.session() as s:
+            row = s.execute(
+                select(JobRow.id, JobRow.study_id)
+                .where(JobRow.state == "queued")
+                .order_by(JobRow.id)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            job_id, study_id = row
+            claimed = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == "queued")
+                .values(state="running", started_at=datetime.now(UTC))
+            )
+            if not getattr(claimed, "rowcount", 0):
+                return None
+            study = s.get(StudyRow, study_id)
+            assert study is not None
+            return job_id, study_id, study.StudyInstanceUID
+
+    def _series_files(self, study_id: int) -> list[SeriesFiles]:
+        with self.db.session() as s:
+            rows = s.execute(
+                select(SeriesRow.SeriesInstanceUID, InstanceRow.path)
+                .join(InstanceRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.study_id == study_id)
+                .order_by(SeriesRow.id, InstanceRow.id)
+            ).all()
+        grouped: dict[str, SeriesFiles] = {}
+        for series_uid, path in rows:
+            grouped.setdefault(series_uid, SeriesFiles(series_uid, [])).paths.append(Path(path))
+        return list(grouped.values())
+
+    def run_one(self) -> bool:
+        """Claim and run one job. Returns False when nothing was queued."""
+        claimed = self.claim()
+        if claimed is None:
+            return False
+        job_id, study_id, study_uid = claimed
+        log.info("analysing study #%d (job %d)", study_id, job_id)
+        analysis = self.analyzer.analyze(study_uid, self._series_files(study_id))
+        self._record(job_id, study_id, analysis)
+        log.info("study #%d: ai_status=%s", study_id, analysis.ai_status.value)
+        return True
+
+    def _record(self, job_id: int, study_id: int, analysis: StudyAnalysis) -> None:
+        now = datetime.now(UTC)
+        mask_paths: dict[str, str] = {}
+        for name, overlay in analysis.overlays.items():
+            path = overlay_path(self.results_dir, analysis.StudyInstanceUID, name)
+            save_overlay(path, overlay)
+            mask_paths[name] = str(path)
+        with self.db.session() as s:
+            s.execute(delete(FindingRow).where(FindingRow.study_id == study_id))
+            for f in analysis.findings:
+                s.add(
+                    FindingRow(
+                        study_id=study_id,
+                        finding=f.finding,
+                        flag=int(f.flag),
+                        score=f.score,
+                        model_name=f.model.name,
+                        model_version=f.model.version,
+                        SeriesInstanceUID=f.details.get("SeriesInstanceUID"),
+                        payload=f.to_json(),
+                        mask_path=mask_paths.get(f.finding),
+                        created_at=now,
+                    )
+                )
+            job = s.get(JobRow, job_id)
+            study = s.get(StudyRow, study_id)
+            assert job is not None and study is not None
+            failed = analysis.ai_status == AIStatus.failed
+            job.state = "failed" if failed else "done"
+            job.error = analysis.error
+            job.finished_at = now
+            newer = s.scalar(
+                select(JobRow.id).where(JobRow.study_id == study_id, JobRow.state == "queued")
+            )
+            receiving = any(se.state == "receiving" for se in study.series)
+            # Instances arrived meanwhile: the study stays pending until analysed again.
+            study.ai_status = (
+                AIStatus.pending.value if (newer or receiving) else analysis.ai_status.value
+            )
+            study.ai_error = analysis.error
+            study.ai_updated_at = now
+            study.routing = analysis.routing

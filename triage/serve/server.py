@@ -1,0 +1,98 @@
+"""``triage serve``: one process holding the DICOM SCP, the worker and the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from triage.config import Settings
+from triage.db import Database
+from triage.ingest.scp import StoreContext, start_scp
+from triage.jobs.worker import Worker
+from triage.pipeline import Analyzer
+from triage.serve.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class TriageService:
+    """Everything ``triage serve`` runs, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.ensure_dirs()
+        self.db = Database(settings.resolved_database_url)
+        self.db.migrate()
+        self.analyzer = Analyzer(
+            model_cache_dir=settings.resolved_model_cache_dir,
+            model_mirror=settings.model_mirror,
+            device=settings.device,
+            members=settings.ensemble_members,
+            threshold_ml=settings.ich_threshold_ml,
+        )
+        self.worker = Worker(
+            db=self.db,
+            analyzer=self.analyzer,
+            results_dir=settings.results_dir,
+            quiet_seconds=settings.series_quiet_seconds,
+            poll_seconds=settings.worker_poll_seconds,
+        )
+        self.app = create_app(self.db)
+        self._scp = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def start_background(self) -> None:
+        """Start the SCP and the worker (the HTTP server is started by the caller)."""
+        ctx = StoreContext(
+            db=self.db,
+            store_dir=self.settings.store_dir,
+            tmp_dir=self.settings.incoming_dir,
+        )
+        self._scp = start_scp(
+            host=self.settings.dicom_host,
+            port=self.settings.dicom_port,
+            ae_title=self.settings.ae_title,
+            ctx=ctx,
+        )
+        self.worker.start()
+
+    def _uvicorn(self) -> uvicorn.Server:
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            access_log=False,
+        )
+        return uvicorn.Server(config)
+
+    def serve_forever(self) -> None:
+        """Run until interrupted (Ctrl-C / SIGTERM)."""
+        self.start_background()
+        try:
+            self._uvicorn().run()
+        finally:
+            self.stop()
+
+    def start_http_thread(self) -> None:
+        self._http = self._uvicorn()
+        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread.start()
+        deadline = time.monotonic() + 20
+        while not self._http.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(5)
+        if self._scp is not None:
+            self._scp.shutdown()
+            self._scp = None
+        self.worker.stop()
+        self.db.dispose()
