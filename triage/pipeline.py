@@ -21,6 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from triage.domain import AIStatus, Finding
+from triage.models.store import ModelWeightsError
 from triage.preprocess.ct import PreprocessError, prepare_head_ct
 from triage.results import Overlay
 
@@ -112,15 +113,6 @@ def route(series: Sequence[SeriesFiles]) -> tuple[SeriesFiles | None, dict[str, 
     }
 
 
-def resolve_device(setting: str) -> str:
-    """``auto`` becomes ``cuda`` when a CUDA device is present, else ``cpu``."""
-    if setting != "auto":
-        return setting
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class Analyzer:
     """Runs the models on studies; models are loaded once, on first use, and reused."""
 
@@ -144,17 +136,15 @@ class Analyzer:
     def haemorrhage_model(self) -> Any:
         with self._lock:
             if self._model is None:
-                from triage.models.haemorrhage import HaemorrhageModel, default_members
+                from triage.models.haemorrhage import HaemorrhageModel
                 from triage.models.spec import BLAST_CT_V1
                 from triage.models.store import ModelStore
 
-                store = ModelStore(cache_dir=self._cache_dir, mirror=self._mirror)
-                device = resolve_device(self._device)
                 self._model = HaemorrhageModel(
+                    ModelStore(cache_dir=self._cache_dir, mirror=self._mirror),
                     spec=BLAST_CT_V1,
-                    store=store,
-                    members=self._members or default_members(device),
-                    device=device,
+                    members=self._members,  # None: 1 on CPU, 12 on CUDA
+                    device=self._device,
                 )
             return self._model
 
@@ -168,7 +158,7 @@ class Analyzer:
             if chosen is None:
                 return StudyAnalysis(study_uid, AIStatus.no_applicable_model, routing=routing)
             return self._run_haemorrhage(study_uid, chosen, routing)
-        except (PreprocessError, InvalidDicomError, ValueError, OSError) as exc:
+        except (PreprocessError, ModelWeightsError, InvalidDicomError, ValueError, OSError) as exc:
             log.warning("analysis failed: %s", type(exc).__name__)
             return StudyAnalysis(study_uid, AIStatus.failed, error=str(exc)[:500])
         except Exception as exc:  # fail open: the study stays on the worklist

@@ -11,9 +11,10 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.e2e.conftest import Server, send
+from tests.e2e.conftest import send
 from triage.demo.phantom import PhantomSpec, write_head_ct_series
 from triage.demo.xray import write_demo_radiograph
+from triage.serve.launcher import ServerProcess as Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

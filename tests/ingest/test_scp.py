@@ -11,21 +11,11 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import pydicom_file
-from tests.e2e.conftest import free_port
 from triage.db import Database
 from triage.db.tables import InstanceRow
-from triage.demo.run import dcmtk_tool
+from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool
 from triage.ingest.scp import StoreContext, start_scp
-
-
-# storescu's option that proposes a file's own (compressed) transfer syntax first.
-STORESCU_PROPOSE = {
-    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
-    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
-    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
-}
+from triage.serve.launcher import free_port
 
 
 @pytest.fixture()

@@ -33,6 +33,39 @@ def dcmtk_tool(name: str) -> str | None:
     return None
 
 
+# storescu's option that proposes a compressed transfer syntax first, so that files are sent
+# (and stored) as they are rather than converted; uncompressed files need none.
+STORESCU_PROPOSE: dict[str, str] = {
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.57": "-xs",  # JPEG lossless
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline (8 bit)
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended (12 bit)
+}
+
+
+def storescu_commands(
+    storescu: str,
+    paths: Sequence[Path],
+    *,
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = "DEMO",
+) -> list[list[str]]:
+    """storescu command lines for the files, one per transfer syntax, in first-seen order."""
+    from pydicom import dcmread
+
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        ts = str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_PROPOSE.get(ts, "-xe"), []).append(str(p))
+    base = [storescu, "-aet", calling_ae, "-aec", called_ae]
+    return [[*base, opt, host, str(port), *files] for opt, files in groups.items()]
+
+
 def send_dicom(
     paths: Sequence[Path], *, host: str, port: int, called_ae: str, calling_ae: str = "DEMO"
 ) -> str:
@@ -43,12 +76,10 @@ def send_dicom(
     """
     storescu = dcmtk_tool("storescu")
     if storescu:
-        subprocess.run(
-            [storescu, "-aet", calling_ae, "-aec", called_ae, host, str(port)]
-            + [str(p) for p in paths],
-            check=True,
-            capture_output=True,
-        )
+        for cmd in storescu_commands(
+            storescu, paths, host=host, port=port, called_ae=called_ae, calling_ae=calling_ae
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
         return "storescu"
     from pydicom import dcmread
     from pynetdicom import AE

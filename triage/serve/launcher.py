@@ -1,0 +1,108 @@
+"""Start ``triage serve`` as a child process on free ports (used by tests and bench scripts)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A ``triage serve`` subprocess with its own data directory and free ports.
+
+    Args:
+        data_dir: TRIAGE_DATA_DIR for the child.
+        env: extra TRIAGE_* settings for the child.
+        ae_title: the called AE title.
+    """
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, ae_title: str = "TRIAGE"):
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.ae_title = ae_title
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.log_path = data_dir / "serve.log"
+        self._env = {
+            **os.environ,
+            "TRIAGE_DATA_DIR": str(data_dir),
+            "TRIAGE_HTTP_HOST": "127.0.0.1",
+            "TRIAGE_HTTP_PORT": str(self.http_port),
+            "TRIAGE_DICOM_HOST": "127.0.0.1",
+            "TRIAGE_DICOM_PORT": str(self.dicom_port),
+            "TRIAGE_AE_TITLE": ae_title,
+            **(env or {}),
+        }
+        if "TRIAGE_DATABASE_URL" not in (env or {}):
+            self._env.pop("TRIAGE_DATABASE_URL", None)  # the child's own SQLite file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "triage.cli", "serve"], env=self._env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"triage serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.http_url}/api/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"triage serve did not come up:\n{self.log()}")
+            time.sleep(0.2)
+
+    def peak_rss_mb(self) -> float | None:
+        """Peak resident memory of the child (Linux VmHWM), in MiB."""
+        if self.proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
