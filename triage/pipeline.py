@@ -150,6 +150,7 @@ class Analyzer:
 
     def analyze(self, study_uid: str, series: Sequence[SeriesFiles]) -> StudyAnalysis:
         """Analyse one study. Never raises: failures become ``ai_status=failed``."""
+        routing: dict[str, Any] = {}
         try:
             for se in series:
                 if not se.header and se.paths:
@@ -160,12 +161,11 @@ class Analyzer:
             return self._run_haemorrhage(study_uid, chosen, routing)
         except (PreprocessError, ModelWeightsError, InvalidDicomError, ValueError, OSError) as exc:
             log.warning("analysis failed: %s", type(exc).__name__)
-            return StudyAnalysis(study_uid, AIStatus.failed, error=str(exc)[:500])
+            return StudyAnalysis(study_uid, AIStatus.failed, error=str(exc)[:500], routing=routing)
         except Exception as exc:  # fail open: the study stays on the worklist
             log.exception("analysis failed unexpectedly")
-            return StudyAnalysis(
-                study_uid, AIStatus.failed, error=f"internal error ({type(exc).__name__})"
-            )
+            error = f"internal error ({type(exc).__name__})"
+            return StudyAnalysis(study_uid, AIStatus.failed, error=error, routing=routing)
 
     def _run_haemorrhage(
         self, study_uid: str, chosen: SeriesFiles, routing: dict[str, Any]

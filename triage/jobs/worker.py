@@ -42,7 +42,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def requeue_interrupted(self) -> int:
         """Jobs that were running when the process died are queued again."""
@@ -56,22 +56,36 @@ class Worker:
         n = self.requeue_interrupted()
         if n:
             log.info("re-queued %d interrupted job(s)", n)
-        self._thread = threading.Thread(target=self._run, name="triage-worker", daemon=True)
-        self._thread.start()
+        # Assembly runs on its own thread so that studies complete (and are queued) on time
+        # while a long inference is running.
+        for target, name in (
+            (self._assemble_loop, "triage-assembly"),
+            (self._run, "triage-worker"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def wake(self) -> None:
         self._wake.set()
 
+    def _assemble_loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                if complete_quiet_series(self.db, quiet_seconds=self.quiet_seconds):
+                    self._wake.set()
+            except Exception:
+                log.exception("study assembly failed")
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                complete_quiet_series(self.db, quiet_seconds=self.quiet_seconds)
                 if self.run_one():
                     continue
             except Exception:

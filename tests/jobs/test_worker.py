@@ -1,0 +1,84 @@
+"""The worker on a real database: routing without a model, fail-open, crash recovery."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import pydicom_file
+from triage.db import Database
+from triage.db.tables import JobRow, StudyRow
+from triage.ingest.assembly import complete_quiet_series
+from triage.ingest.store import ingest_instance
+from triage.jobs.worker import Worker
+from triage.pipeline import Analyzer
+
+
+@pytest.fixture()
+def worker(tmp_path: Path) -> Worker:
+    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
+    db.migrate()
+    # No mirror and downloads to a closed port: any attempt to load weights fails loudly.
+    analyzer = Analyzer(model_cache_dir=tmp_path / "models", model_mirror=str(tmp_path / "none"))
+    return Worker(db=db, analyzer=analyzer, results_dir=tmp_path / "results", quiet_seconds=1)
+
+
+def receive(worker: Worker, tmp_path: Path, name: str, **changes: str) -> None:
+    (tmp_path / "incoming").mkdir(exist_ok=True)
+    ds = pydicom.dcmread(pydicom_file(name))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    t0 = datetime.now(UTC) - timedelta(seconds=5)
+    outcome = ingest_instance(
+        data,
+        db=worker.db,
+        store_dir=tmp_path / "dicom",
+        tmp_dir=tmp_path / "incoming",
+        source="test",
+        now=t0,
+    )
+    assert outcome.ok, outcome.reason
+    assert complete_quiet_series(worker.db, quiet_seconds=1)
+
+
+def test_radiograph_gets_no_applicable_model(worker: Worker, tmp_path: Path) -> None:
+    receive(worker, tmp_path, "RG1_UNCR.dcm")
+    assert worker.run_one()
+    assert not worker.run_one()  # nothing else queued
+    with worker.db.session() as s:
+        study = s.scalars(select(StudyRow)).one()
+        assert study.ai_status == "no_applicable_model"
+        assert study.routing and "CR" in study.routing["reason"]
+        assert s.scalars(select(JobRow.state)).one() == "done"
+
+
+def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Path) -> None:
+    # One head CT slice: routed to the haemorrhage model, but there is no volume to read.
+    receive(worker, tmp_path, "CT_small.dcm", BodyPartExamined="HEAD")
+    assert worker.run_one()
+    with worker.db.session() as s:
+        study = s.scalars(select(StudyRow)).one()
+        job = s.scalars(select(JobRow)).one()
+        assert study.ai_status == "failed"
+        assert job.state == "failed"
+        assert study.ai_error and "slice" in study.ai_error
+        assert study.routing and study.routing["model"] == "blast-ct"
+
+
+def test_interrupted_jobs_are_requeued(worker: Worker, tmp_path: Path) -> None:
+    receive(worker, tmp_path, "RG1_UNCR.dcm")
+    claimed = worker.claim()
+    assert claimed is not None
+    assert worker.claim() is None  # running jobs are not handed out twice
+    assert worker.requeue_interrupted() == 1  # as at start after a crash
+    assert worker.run_one()
+    with worker.db.session() as s:
+        assert s.scalars(select(JobRow.state)).one() == "done"
