@@ -76,30 +76,66 @@ class StudyAnalysis:
         }
 
 
+# Body parts that are not the head: a series naming one of these is never sent to a head model.
+OTHER_BODY_WORDS: tuple[str, ...] = (
+    "CHEST",
+    "THORAX",
+    "LUNG",
+    "ABD",
+    "PELVI",
+    "SPINE",
+    "NECK",
+    "CARDIAC",
+    "HEART",
+    "KNEE",
+    "HAND",
+    "FOOT",
+    "ANGIO",
+    "BODY",
+    "THORAX",
+    "BAUCH",
+)
+# A reconstruction field of view this small only fits a head (a body CT uses 350-500 mm).
+HEAD_MAX_FOV_MM = 260.0
+
+
 def read_header(path: Path) -> dict[str, str]:
     """The routing-relevant attributes of one file (pixels not read)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    keys = (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        *ROUTING_KEYWORDS,
-    )
-    return {k: str(ds.get(k, "") or "") for k in keys}
+    keys = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", *ROUTING_KEYWORDS)
+    header = {k: str(ds.get(k, "") or "") for k in keys}
+    fov = ds.get("ReconstructionDiameter")
+    if not fov and ds.get("PixelSpacing") and ds.get("Columns"):
+        fov = float(ds.PixelSpacing[1]) * int(ds.Columns)
+    header["field_of_view_mm"] = f"{float(fov):.0f}" if fov else ""
+    return header
 
 
-def is_head(header: dict[str, str]) -> bool:
+def head_reason(header: dict[str, str]) -> str | None:
+    """Why this series is a head, or None when it is not (or cannot be told)."""
     text = " ".join(header.get(k, "") for k in ROUTING_KEYWORDS).upper()
-    return any(word in text for word in HEAD_WORDS)
+    if any(word in text for word in HEAD_WORDS):
+        return "its body part or description names the head"
+    if any(word in text for word in OTHER_BODY_WORDS):
+        return None
+    fov = header.get("field_of_view_mm")
+    if fov and float(fov) <= HEAD_MAX_FOV_MM:
+        return f"no body part given; its {fov} mm field of view fits only a head"
+    return None
 
 
 def route(series: Sequence[SeriesFiles]) -> tuple[SeriesFiles | None, dict[str, Any]]:
     """Pick the series the haemorrhage model runs on, with the reason."""
-    candidates = [se for se in series if se.header.get("Modality") == "CT" and is_head(se.header)]
+    reasons = {
+        se.SeriesInstanceUID: head_reason(se.header)
+        for se in series
+        if se.header.get("Modality") == "CT"
+    }
+    candidates = [se for se in series if reasons.get(se.SeriesInstanceUID)]
     modalities = sorted({se.header.get("Modality", "") for se in series} - {""})
     if not candidates:
         if "CT" in modalities:
-            reason = "CT study without a head/brain body part or description"
+            reason = "CT study that is not recognisably of the head (body part, description)"
         else:
             reason = f"no model for modality {'/'.join(modalities) or 'unknown'}"
         return None, {"model": None, "reason": reason, "modalities": modalities}
@@ -107,8 +143,8 @@ def route(series: Sequence[SeriesFiles]) -> tuple[SeriesFiles | None, dict[str, 
     return chosen, {
         "model": "blast-ct",
         "SeriesInstanceUID": chosen.SeriesInstanceUID,
-        "reason": "CT of the head: series with the most images among "
-        f"{len(candidates)} head CT series",
+        "reason": f"head CT ({reasons[chosen.SeriesInstanceUID]}); the series with the most "
+        f"images of {len(candidates)} head CT series",
         "modalities": modalities,
     }
 

@@ -101,5 +101,6 @@ def start_scp(
         (evt.EVT_C_STORE, handle_store, [ctx]),
     ]
     server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+    assert server is not None  # block=False always returns the server
     log.info("DICOM SCP %s listening on %s:%d", ae_title, host, port)
     return server

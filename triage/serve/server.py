@@ -7,6 +7,7 @@ import threading
 import time
 
 import uvicorn
+from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import Settings
 from triage.db import Database
@@ -41,7 +42,7 @@ class TriageService:
             poll_seconds=settings.worker_poll_seconds,
         )
         self.app = create_app(self.db)
-        self._scp = None
+        self._scp: ThreadedAssociationServer | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
