@@ -1,0 +1,248 @@
+"""A local, verified cache of pinned model weight files.
+
+Resolution order for ``<spec name>/<filename>``:
+
+1. the cache (``<cache_dir>/<spec name>/<filename>``), used when its sha256 matches;
+2. the mirror, when configured: a local directory or an ``http(s)://`` / ``file://`` URL
+   prefix holding ``<mirror>/<spec name>/<filename>``;
+3. the artifact's pinned upstream URL.
+
+Every candidate is written to a temporary file next to its final place, flushed with
+``fsync``, checked against the pinned sha256 and only then renamed into the cache, so a
+crash or a concurrent fetch never leaves a partial file under the final name. A cached file
+whose hash no longer matches is fetched again. When nothing works, :class:`ModelWeightsError`
+says which file, what each source answered (including expected vs actual sha256) and how to
+fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+from triage.models.spec import WeightArtifact
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+MIRROR_HINT = (
+    "set TRIAGE_MODEL_MIRROR to a directory (or http(s) URL) holding "
+    "<model name>/<file>, e.g. blast-ct-v1/model_N.pt"
+)
+
+
+class ModelWeightsError(RuntimeError):
+    """Model weights could not be obtained or failed verification (message is user-facing)."""
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, lower-case hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_url(location: str) -> bool:
+    return urllib.parse.urlsplit(location).scheme in ("http", "https", "file")
+
+
+class _SourceFailed(Exception):
+    """One source could not deliver a verified file (reason in the message)."""
+
+
+class ModelStore:
+    """Resolve pinned weight files into a local cache, verified by sha256.
+
+    Args:
+        cache_dir: directory for verified weight files (created on demand).
+        mirror: optional mirror, a local directory or an http(s)/file URL prefix, holding
+            ``<spec name>/<filename>``. Tried before the upstream URL.
+        timeout_s: network timeout per request, seconds.
+        allow_download: when False, the upstream URL is never tried (offline sites).
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        mirror: str | Path | None = None,
+        *,
+        timeout_s: float = 60.0,
+        allow_download: bool = True,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.mirror = str(mirror) if mirror is not None and str(mirror) != "" else None
+        self.timeout_s = timeout_s
+        self.allow_download = allow_download
+
+    def __repr__(self) -> str:
+        return f"ModelStore(cache_dir={str(self.cache_dir)!r}, mirror={self.mirror!r})"
+
+    def cache_path(self, spec_name: str, artifact: WeightArtifact) -> Path:
+        """Where the verified file lives in the cache."""
+        return self.cache_dir / spec_name / artifact.filename
+
+    def fetch(self, spec_name: str, artifact: WeightArtifact) -> Path:
+        """Return the path of a verified local copy of ``artifact``.
+
+        Args:
+            spec_name: the model's store folder name (e.g. ``blast-ct-v1``).
+            artifact: the pinned file.
+
+        Returns:
+            Path of the cached file; its sha256 matched ``artifact.sha256`` when checked.
+
+        Raises:
+            ModelWeightsError: no source delivered a file with the pinned sha256.
+        """
+        target = self.cache_path(spec_name, artifact)
+        label = f"{spec_name}/{artifact.filename}"
+        if target.is_file():
+            actual = sha256_file(target)
+            if actual == artifact.sha256:
+                return target
+            logger.warning(
+                "cached %s is corrupt (sha256 %s, expected %s); fetching it again",
+                label,
+                actual,
+                artifact.sha256,
+            )
+        failures: list[str] = []
+        for kind, source in self._sources(spec_name, artifact):
+            try:
+                self._install(source, target, artifact)
+            except _SourceFailed as exc:
+                failures.append(f"{kind} {source}: {exc}")
+                logger.warning("model weights %s not taken from %s: %s", label, source, exc)
+                continue
+            logger.info("model weights %s fetched from %s", label, source)
+            return target
+        if not failures:  # no mirror and downloads disabled
+            failures.append("no mirror configured and downloads are disabled")
+        raise ModelWeightsError(
+            f"model weights {label} (sha256 {artifact.sha256}) are not available: "
+            + "; ".join(failures)
+            + f". To fix: {MIRROR_HINT}."
+        )
+
+    def read_verified(self, spec_name: str, artifact: WeightArtifact) -> bytes:
+        """Fetch ``artifact`` and return its bytes, verified against the pinned sha256.
+
+        The hash is checked on the very bytes returned, so nothing can change the file
+        between verification and loading.
+
+        Raises:
+            ModelWeightsError: the file is unavailable or its content does not match.
+        """
+        path = self.fetch(spec_name, artifact)
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != artifact.sha256:
+            raise ModelWeightsError(
+                f"model weights {spec_name}/{artifact.filename} changed on disk at {path}: "
+                f"sha256 mismatch (expected {artifact.sha256}, got {actual}); delete the file "
+                "and retry"
+            )
+        return data
+
+    def _sources(self, spec_name: str, artifact: WeightArtifact) -> list[tuple[str, str]]:
+        """``(kind, location)`` pairs to try, in order."""
+        sources: list[tuple[str, str]] = []
+        if self.mirror is not None:
+            if _is_url(self.mirror):
+                base = self.mirror.rstrip("/")
+                sources.append(("mirror", f"{base}/{spec_name}/{artifact.filename}"))
+            else:
+                sources.append(("mirror", str(Path(self.mirror) / spec_name / artifact.filename)))
+        if self.allow_download:
+            sources.append(("upstream", artifact.url))
+        return sources
+
+    def _install(self, source: str, target: Path, artifact: WeightArtifact) -> None:
+        """Copy ``source`` into ``target`` atomically, after checking its sha256."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".part", dir=target.parent
+            )
+        except OSError as exc:
+            raise ModelWeightsError(
+                f"cannot write to the model cache {target.parent}: {exc.strerror or exc}"
+            ) from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                actual = self._copy_from(source, out)
+                out.flush()
+                os.fsync(out.fileno())
+            if actual != artifact.sha256:
+                raise _SourceFailed(
+                    f"sha256 mismatch (expected {artifact.sha256}, got {actual}); "
+                    "the file is corrupt or not the pinned version"
+                )
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _copy_from(self, source: str, out: BinaryIO) -> str:
+        """Stream ``source`` into ``out``; return the sha256 of what was written."""
+        digest = hashlib.sha256()
+        try:
+            if _is_url(source):
+                with urllib.request.urlopen(source, timeout=self.timeout_s) as response:
+                    _pump(response, out, digest)
+            else:
+                path = Path(source)
+                if not path.is_file():
+                    raise _SourceFailed("not found")
+                with path.open("rb") as fh:
+                    _pump(fh, out, digest)
+        except _SourceFailed:
+            raise
+        except urllib.error.HTTPError as exc:
+            raise _SourceFailed(f"download failed: HTTP {exc.code} {exc.reason}") from exc
+        except urllib.error.URLError as exc:
+            raise _SourceFailed(f"download failed: {exc.reason}") from exc
+        except (OSError, ValueError) as exc:  # timeouts, resets, bad URLs, read errors
+            raise _SourceFailed(f"read failed: {exc}") from exc
+        return digest.hexdigest()
+
+
+def _pump(src: BinaryIO, out: BinaryIO, digest: hashlib._Hash) -> None:
+    shutil.copyfileobj(_Hashing(src, digest), out, _CHUNK)
+
+
+class _Hashing:
+    """A minimal file-like reader that hashes what passes through it."""
+
+    def __init__(self, src: BinaryIO, digest: hashlib._Hash) -> None:
+        self._src = src
+        self._digest = digest
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._src.read(size)
+        self._digest.update(block)
+        return block
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
