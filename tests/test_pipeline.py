@@ -27,7 +27,7 @@ def series(uid: str, n: int = 30, **header: str) -> SeriesFiles:
 )
 def test_head_ct_goes_to_the_haemorrhage_model(header: dict[str, str]) -> None:
     chosen, routing = route([series("1.1", **header)])
-    assert chosen is not None and routing["model"] == "blast-ct"
+    assert chosen is not None and routing["model"] == "blast-ct-v1"
     assert "head CT" in routing["reason"]
 
 

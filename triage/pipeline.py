@@ -141,7 +141,7 @@ def route(series: Sequence[SeriesFiles]) -> tuple[SeriesFiles | None, dict[str, 
         return None, {"model": None, "reason": reason, "modalities": modalities}
     chosen = max(candidates, key=lambda se: len(se.paths))
     return chosen, {
-        "model": "blast-ct",
+        "model": "blast-ct-v1",
         "SeriesInstanceUID": chosen.SeriesInstanceUID,
         "reason": f"head CT ({reasons[chosen.SeriesInstanceUID]}); the series with the most "
         f"images of {len(candidates)} head CT series",

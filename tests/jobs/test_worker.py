@@ -70,7 +70,7 @@ def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Pa
         assert study.ai_status == "failed"
         assert job.state == "failed"
         assert study.ai_error and "slice" in study.ai_error
-        assert study.routing and study.routing["model"] == "blast-ct"
+        assert study.routing and study.routing["model"] == "blast-ct-v1"
 
 
 def test_interrupted_jobs_are_requeued(worker: Worker, tmp_path: Path) -> None:
