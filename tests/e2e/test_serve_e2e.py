@@ -130,3 +130,33 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
     assert "critical" in first_row
     assert "ai:intracranial_haemorrhage" in first_row
     assert items[0]["StudyInstanceUID"] in first_row
+
+
+def test_cli_worklist_json_is_the_api_document(server: Server) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    api = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
+    env = {**os.environ, "TRIAGE_DATA_DIR": str(server.data_dir)}
+    env.pop("TRIAGE_DATABASE_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "triage.cli", "worklist", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    cli = json.loads(out.stdout)
+    assert cli["items"] == api["items"]
+    table = subprocess.run(
+        [sys.executable, "-m", "triage.cli", "worklist"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "Reading worklist" in table.stdout
