@@ -90,6 +90,36 @@ def worklist(
         print_worklist(doc)
 
 
+@app.command("quarantine")
+def quarantine_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
+) -> None:
+    """List rejected input kept in quarantine, newest first (the same as GET /api/quarantine)."""
+    from triage.db import Database
+    from triage.ingest.store import quarantine_listing
+
+    settings = Settings()
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    doc = quarantine_listing(db)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    table = Table(title="Quarantine")
+    for col in ("#", "received", "source", "status", "reason", "sha256"):
+        table.add_column(col)
+    for item in doc["items"]:
+        table.add_row(
+            str(item["id"]),
+            str(item["received_at"])[:19],
+            str(item["source"]),
+            str(item["status"]),
+            str(item["reason"]),
+            str(item["sha256"])[:12],
+        )
+    console.print(table)
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],

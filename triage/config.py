@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         return self.data_dir / "incoming"
 
     @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
 
@@ -68,5 +72,11 @@ class Settings(BaseSettings):
         return self.model_cache_dir or (self.data_dir / "models")
 
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.store_dir, self.incoming_dir, self.results_dir):
+        for d in (
+            self.data_dir,
+            self.store_dir,
+            self.incoming_dir,
+            self.quarantine_dir,
+            self.results_dir,
+        ):
             d.mkdir(parents=True, exist_ok=True)

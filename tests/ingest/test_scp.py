@@ -15,6 +15,7 @@ from triage.db import Database
 from triage.db.tables import InstanceRow
 from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool
 from triage.ingest.scp import StoreContext, start_scp
+from triage.ingest.store import quarantine_listing
 from triage.serve.launcher import free_port
 
 
@@ -28,7 +29,12 @@ def scp(tmp_path: Path) -> Iterator[tuple[int, Database]]:
         host="127.0.0.1",
         port=port,
         ae_title="TRIAGE",
-        ctx=StoreContext(db=db, store_dir=tmp_path / "dicom", tmp_dir=tmp_path / "incoming"),
+        ctx=StoreContext(
+            db=db,
+            store_dir=tmp_path / "dicom",
+            tmp_dir=tmp_path / "incoming",
+            quarantine_dir=tmp_path / "quarantine",
+        ),
     )
     try:
         yield port, db
@@ -99,3 +105,25 @@ def test_store_keeps_bytes_of_accepted_classes(
     assert stored.SOPInstanceUID == ds.SOPInstanceUID
     assert stored.file_meta.TransferSyntaxUID == rows[0].TransferSyntaxUID
     assert stored.pixel_array.shape == ds.pixel_array.shape
+
+
+def test_rejected_instance_gets_a_failure_status_and_is_quarantined(
+    scp: tuple[int, Database], tmp_path: Path
+) -> None:
+    port, db = scp
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.StudyInstanceUID = "1.2.840.9999." + "1" * 60  # 73 characters: not a valid UID
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad, enforce_file_format=True)
+    res = subprocess.run(
+        [tool("storescu"), "-v", "-aec", "TRIAGE", "127.0.0.1", str(port), str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0  # storescu saw the failure status (0xC000)
+    assert "Error: CannotUnderstand" in res.stdout + res.stderr
+    with db.session() as s:
+        assert s.scalars(select(InstanceRow)).all() == []
+    (item,) = quarantine_listing(db)["items"]
+    assert "at most 64" in str(item["reason"])
+    assert item["source"] == "dicom:STORESCU"

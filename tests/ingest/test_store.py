@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -10,9 +11,9 @@ from sqlalchemy import func, select
 
 from tests.conftest import pydicom_file
 from triage.db import Database
-from triage.db.tables import InstanceRow, JobRow, SeriesRow, StudyRow
+from triage.db.tables import InstanceRow, JobRow, QuarantineRow, SeriesRow, StudyRow
 from triage.ingest.assembly import complete_quiet_series
-from triage.ingest.store import StoreStatus, ingest_instance
+from triage.ingest.store import StoreStatus, ingest_instance, quarantine_listing
 
 
 @pytest.fixture()
@@ -38,6 +39,7 @@ def ingest(db: Database, tmp_path: Path, data: bytes, now: datetime | None = Non
         db=db,
         store_dir=tmp_path / "dicom",
         tmp_dir=tmp_path / "incoming",
+        quarantine_dir=tmp_path / "quarantine",
         source="test",
         now=now,
     )
@@ -72,16 +74,36 @@ def test_stored_durably_indexed_and_idempotent(db: Database, tmp_path: Path) -> 
 def test_bad_headers_rejected_with_reason(
     db: Database, tmp_path: Path, changes: dict[str, str], reason: str
 ) -> None:
-    outcome = ingest(db, tmp_path, ct_bytes(**changes))
+    data = ct_bytes(**changes)
+    outcome = ingest(db, tmp_path, data)
     assert outcome.status == StoreStatus.cannot_understand
     assert reason in outcome.reason
     assert not (tmp_path / "dicom").exists() or not any((tmp_path / "dicom").rglob("*.dcm"))
+    assert_quarantined(db, tmp_path, data, reason, outcome.quarantine_id)
 
 
-def test_garbage_rejected(db: Database, tmp_path: Path) -> None:
-    outcome = ingest(db, tmp_path, b"\x00" * 10 + b"not dicom at all")
+def assert_quarantined(
+    db: Database, tmp_path: Path, data: bytes, reason: str, qid: int | None
+) -> None:
+    """The rejected bytes are kept, under the quarantine folder, with the reason."""
+    listing = quarantine_listing(db)["items"]
+    assert [item["id"] for item in listing] == [qid]
+    (item,) = listing
+    assert reason in str(item["reason"])
+    assert item["status"] == "0xC000"
+    assert item["sha256"] == hashlib.sha256(data).hexdigest()
+    with db.session() as s:
+        kept = Path(s.scalars(select(QuarantineRow.path)).one())
+    assert kept.read_bytes() == data
+    assert kept.resolve().is_relative_to((tmp_path / "quarantine").resolve())
+
+
+def test_garbage_rejected_and_kept(db: Database, tmp_path: Path) -> None:
+    data = b"\x00" * 10 + b"not dicom at all"
+    outcome = ingest(db, tmp_path, data)
     assert outcome.status == StoreStatus.cannot_understand
     assert "unreadable" in outcome.reason or "missing" in outcome.reason
+    assert_quarantined(db, tmp_path, data, outcome.reason, outcome.quarantine_id)
 
 
 def test_quiet_period_completes_series_and_late_instance_requeues(

@@ -42,6 +42,7 @@ def receive(worker: Worker, tmp_path: Path, name: str, **changes: str) -> None:
         db=worker.db,
         store_dir=tmp_path / "dicom",
         tmp_dir=tmp_path / "incoming",
+        quarantine_dir=tmp_path / "quarantine",
         source="test",
         now=t0,
     )

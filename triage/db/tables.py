@@ -108,3 +108,18 @@ class FindingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[StudyRow] = relationship(back_populates="findings")
+
+
+class QuarantineRow(Base):
+    """Rejected input, kept with the reason. No attribute values of the input are stored."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    source: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512))

@@ -57,6 +57,7 @@ class StoreContext:
     db: Database
     store_dir: Path
     tmp_dir: Path
+    quarantine_dir: Path
     on_stored: Callable[[IngestOutcome], None] | None = None
 
 
@@ -74,7 +75,12 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
         log.warning("C-STORE from %s could not be read: %s", calling, type(exc).__name__)
         return int(StoreStatus.cannot_understand)
     outcome = ingest_instance(
-        data, db=ctx.db, store_dir=ctx.store_dir, tmp_dir=ctx.tmp_dir, source=f"dicom:{calling}"
+        data,
+        db=ctx.db,
+        store_dir=ctx.store_dir,
+        tmp_dir=ctx.tmp_dir,
+        quarantine_dir=ctx.quarantine_dir,
+        source=f"dicom:{calling}",
     )
     if outcome.ok and ctx.on_stored is not None:
         ctx.on_stored(outcome)

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triage.db import Database
-from triage.db.tables import InstanceRow, SeriesRow, StudyRow
+from triage.db.tables import InstanceRow, QuarantineRow, SeriesRow, StudyRow
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class IngestOutcome:
     SOPInstanceUID: str | None = None
     StudyInstanceUID: str | None = None
     duplicate: bool = False
+    quarantine_id: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -143,6 +144,7 @@ def ingest_instance(
     db: Database,
     store_dir: Path,
     tmp_dir: Path,
+    quarantine_dir: Path,
     source: str,
     now: datetime | None = None,
 ) -> IngestOutcome:
@@ -153,24 +155,38 @@ def ingest_instance(
         db: the database holding the index.
         store_dir: root of the DICOM file store.
         tmp_dir: directory on the same file system for temporary files.
+        quarantine_dir: where rejected input is kept, with a record in the database.
         source: where it came from (calling AE title, "import", ...); logged, no PHI.
         now: arrival time (defaults to now, UTC).
 
     Returns:
         The outcome with its DICOM status. Success is returned only once the file is
-        fsync'ed in place and its index row is committed.
+        fsync'ed in place and its index row is committed. Rejected input is kept in
+        quarantine (see :func:`quarantine`).
     """
     now = now or datetime.now(UTC)
+
+    def reject(status: StoreStatus, reason: str) -> IngestOutcome:
+        qid = quarantine(
+            data,
+            db=db,
+            quarantine_dir=quarantine_dir,
+            tmp_dir=tmp_dir,
+            source=source,
+            reason=reason,
+            status=status,
+            now=now,
+        )
+        log.warning("rejected instance from %s (quarantine #%s): %s", source, qid, reason)
+        return IngestOutcome(status, reason, quarantine_id=qid)
+
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
-        reason = f"unreadable DICOM: {type(exc).__name__}"
-        log.warning("rejected instance from %s: %s", source, reason)
-        return IngestOutcome(StoreStatus.cannot_understand, reason)
+        return reject(StoreStatus.cannot_understand, f"unreadable DICOM: {type(exc).__name__}")
     problem = validate_header(ds)
     if problem:
-        log.warning("rejected instance from %s: %s", source, problem)
-        return IngestOutcome(StoreStatus.cannot_understand, problem)
+        return reject(StoreStatus.cannot_understand, problem)
 
     study_uid = str(ds.StudyInstanceUID)
     series_uid = str(ds.SeriesInstanceUID)
@@ -202,6 +218,66 @@ def ingest_instance(
             StoreStatus.success, "duplicate of a stored instance", sop_uid, study_uid, True
         )
     return IngestOutcome(StoreStatus.success, "stored", sop_uid, study_uid)
+
+
+def quarantine(
+    data: bytes,
+    *,
+    db: Database,
+    quarantine_dir: Path,
+    tmp_dir: Path,
+    source: str,
+    reason: str,
+    status: StoreStatus,
+    now: datetime,
+) -> int | None:
+    """Keep rejected bytes under a name made from their sha256, with a database record.
+
+    Returns:
+        The quarantine record's id, or None when even keeping it failed (logged).
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    dest = quarantine_dir / digest[:2] / f"{digest}.bin"
+    try:
+        if not dest.exists():
+            write_durably(data, dest, tmp_dir)
+        with db.session() as s:
+            row = QuarantineRow(
+                received_at=now,
+                source=source[:128],
+                reason=reason,
+                status_code=int(status),
+                sha256=digest,
+                size_bytes=len(data),
+                path=str(dest),
+            )
+            s.add(row)
+            s.flush()
+            return int(row.id)
+    except Exception:
+        log.exception("could not keep rejected input from %s in quarantine", source)
+        return None
+
+
+def quarantine_listing(db: Database, *, limit: int = 500) -> dict[str, list[dict[str, object]]]:
+    """The newest quarantine records: ``{"items": [...]}`` (no patient data in them)."""
+    with db.session() as s:
+        rows = s.scalars(select(QuarantineRow).order_by(QuarantineRow.id.desc()).limit(limit)).all()
+        items: list[dict[str, object]] = [
+            {
+                "id": r.id,
+                "received_at": (
+                    r.received_at if r.received_at.tzinfo else r.received_at.replace(tzinfo=UTC)
+                ).isoformat(),
+                "source": r.source,
+                "reason": r.reason,
+                "status": f"0x{r.status_code:04X}",
+                "sha256": r.sha256,
+                "size_bytes": r.size_bytes,
+            }
+            for r in rows
+        ]
+    return {"items": items}
 
 
 def _index(

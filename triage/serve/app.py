@@ -39,6 +39,12 @@ def create_app(db: Database) -> FastAPI:
     def get_worklist(db: DB) -> dict[str, Any]:
         return service.worklist(db)
 
+    @app.get("/api/quarantine")
+    def get_quarantine(db: DB) -> dict[str, Any]:
+        from triage.ingest.store import quarantine_listing
+
+        return quarantine_listing(db)
+
     @app.get("/api/studies/{study_uid}")
     def get_study(study_uid: str, db: DB) -> dict[str, Any]:
         doc = service.study_detail(db, study_uid)

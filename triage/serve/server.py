@@ -52,6 +52,7 @@ class TriageService:
             db=self.db,
             store_dir=self.settings.store_dir,
             tmp_dir=self.settings.incoming_dir,
+            quarantine_dir=self.settings.quarantine_dir,
         )
         self._scp = start_scp(
             host=self.settings.dicom_host,
