@@ -90,6 +90,56 @@ def worklist(
         print_worklist(doc)
 
 
+@app.command("import")
+def import_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    verbose: Verbose = False,
+) -> None:
+    """Import DICOM files through the same validation and storage as the DICOM listener.
+
+    Files that are rejected are kept in quarantine with the reason (see ``triage quarantine``).
+    A running ``triage serve`` on the same data directory picks the studies up for analysis.
+    """
+    _setup_logging(verbose)
+    from rich.progress import Progress
+
+    from triage.db import Database
+    from triage.ingest.store import ingest_instance
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
+        raise typer.Exit(2)
+    files: list[Path] = []
+    for p in paths:
+        files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    settings = Settings()
+    settings.ensure_dirs()
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    counts = {"stored": 0, "duplicate": 0, "rejected": 0}
+    with Progress(console=console, transient=False) as progress:
+        task = progress.add_task("importing", total=len(files))
+        for f in files:
+            outcome = ingest_instance(
+                f.read_bytes(),
+                db=db,
+                store_dir=settings.store_dir,
+                tmp_dir=settings.incoming_dir,
+                quarantine_dir=settings.quarantine_dir,
+                source="import",
+            )
+            key = "rejected" if not outcome.ok else "duplicate" if outcome.duplicate else "stored"
+            counts[key] += 1
+            progress.advance(task)
+    console.print(
+        f"{len(files)} file(s): {counts['stored']} stored, {counts['duplicate']} already stored,"
+        f" {counts['rejected']} rejected (see `triage quarantine`)"
+    )
+    if counts["rejected"]:
+        raise typer.Exit(1)
+
+
 @app.command("quarantine")
 def quarantine_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
