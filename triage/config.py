@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
     ae_title: str = "TRIAGE"
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate (JSON list); empty allows any.",
+    )
     model_mirror: str | None = Field(
         default=None,
         description="Directory or URL prefix holding <model>/<file> weight files (offline use).",

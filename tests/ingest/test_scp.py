@@ -127,3 +127,30 @@ def test_rejected_instance_gets_a_failure_status_and_is_quarantined(
     (item,) = quarantine_listing(db)["items"]
     assert "at most 64" in str(item["reason"])
     assert item["source"] == "dicom:STORESCU"
+
+
+def test_calling_ae_allow_list(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
+    db.migrate()
+    port = free_port()
+    ctx = StoreContext(
+        db=db,
+        store_dir=tmp_path / "dicom",
+        tmp_dir=tmp_path / "incoming",
+        quarantine_dir=tmp_path / "quarantine",
+    )
+    server = start_scp(
+        host="127.0.0.1", port=port, ae_title="TRIAGE", ctx=ctx, allowed_calling_aets=["PACS1"]
+    )
+    try:
+        echo = [tool("echoscu"), "-aec", "TRIAGE"]
+        ok = subprocess.run([*echo, "-aet", "PACS1", "127.0.0.1", str(port)], capture_output=True)
+        assert ok.returncode == 0
+        bad = subprocess.run(
+            [*echo, "-aet", "INTRUDER", "127.0.0.1", str(port)], capture_output=True
+        )
+        assert bad.returncode != 0
+        assert b"Rejected" in bad.stdout + bad.stderr
+    finally:
+        server.shutdown()
+        db.dispose()

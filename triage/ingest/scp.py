@@ -7,7 +7,7 @@ and never decode pixels or run a model (the worker does that later).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,21 +87,30 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
     return int(outcome.status)
 
 
-def make_ae(ae_title: str) -> AE:
+def make_ae(ae_title: str, allowed_calling_aets: Sequence[str] = ()) -> AE:
+    """The AE: the called AE title must match; when ``allowed_calling_aets`` is not empty,
+    associations from other calling AE titles are rejected (A-ASSOCIATE-RJ)."""
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     ae.require_called_aet = True
+    if allowed_calling_aets:
+        ae.require_calling_aet = [a.strip() for a in allowed_calling_aets]
     ae.maximum_associations = 16
     return ae
 
 
 def start_scp(
-    *, host: str, port: int, ae_title: str, ctx: StoreContext
+    *,
+    host: str,
+    port: int,
+    ae_title: str,
+    ctx: StoreContext,
+    allowed_calling_aets: Sequence[str] = (),
 ) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return its server (call ``shutdown()``)."""
-    ae = make_ae(ae_title)
+    ae = make_ae(ae_title, allowed_calling_aets)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),

@@ -59,6 +59,7 @@ class TriageService:
             port=self.settings.dicom_port,
             ae_title=self.settings.ae_title,
             ctx=ctx,
+            allowed_calling_aets=self.settings.allowed_calling_aets,
         )
         self.worker.start()
 
