@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,19 @@ def pydicom_file(name: str) -> Path:
         if hits:
             return hits[0]
     pytest.skip(f"test file {name} is not installed (pydicom-data missing?)")
+
+
+def run_cli(
+    args: list[str], data_dir: Path, *, check: bool = False, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``triage ARGS`` in a child process on its own data directory (SQLite default)."""
+    child_env = {**os.environ, "TRIAGE_DATA_DIR": str(data_dir), **env}
+    child_env.pop("TRIAGE_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "triage.cli", *args],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )

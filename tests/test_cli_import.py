@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from sqlalchemy import func, select
 
-from tests.conftest import pydicom_file
+from tests.conftest import pydicom_file, run_cli
 from triage.db import Database
 from triage.db.tables import InstanceRow
-
-
-def run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRIAGE_DATA_DIR": str(data_dir)}
-    env.pop("TRIAGE_DATABASE_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "triage.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_import_folder_recursively_and_quarantine_bad_files(tmp_path: Path) -> None:
@@ -35,17 +20,17 @@ def test_import_folder_recursively_and_quarantine_bad_files(tmp_path: Path) -> N
     (tmp_path / "in" / "garbage.dcm").write_bytes(b"definitely not DICOM")
     data_dir = tmp_path / "data"
 
-    first = run(["import", str(tmp_path / "in")], data_dir)
+    first = run_cli(["import", str(tmp_path / "in")], data_dir)
     assert first.returncode == 1  # one file was rejected
     assert "2 stored" in first.stdout and "1 rejected" in first.stdout
 
-    again = run(["import", str(src)], data_dir)
+    again = run_cli(["import", str(src)], data_dir)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 already stored" in again.stdout
 
     db = Database(f"sqlite:///{(data_dir / 'triage.db').resolve()}")
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(InstanceRow)) == 2
-    listed = json.loads(run(["quarantine", "--json"], data_dir).stdout)
+    listed = json.loads(run_cli(["quarantine", "--json"], data_dir).stdout)
     (item,) = listed["items"]
     assert item["source"] == "import" and "unreadable" in item["reason"]

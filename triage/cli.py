@@ -6,13 +6,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from triage.config import Settings
+
+if TYPE_CHECKING:
+    from triage.db import Database
 
 app = typer.Typer(
     add_completion=False, help="Radiology triage: DICOM in, prioritised worklist out."
@@ -28,6 +31,15 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("pynetdicom", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _open_db(settings: Settings) -> Database:
+    """The configured database, migrated to the newest schema."""
+    from triage.db import Database
+
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    return db
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -77,12 +89,9 @@ def worklist(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
 ) -> None:
     """Print the reading worklist from the database (the same document as GET /api/worklist)."""
-    from triage.db import Database
     from triage.worklist.service import worklist as build
 
-    settings = Settings()
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    db = _open_db(Settings())
     doc = build(db)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -103,7 +112,6 @@ def import_cmd(
     _setup_logging(verbose)
     from rich.progress import Progress
 
-    from triage.db import Database
     from triage.ingest.store import ingest_instance
 
     missing = [str(p) for p in paths if not p.exists()]
@@ -115,8 +123,7 @@ def import_cmd(
         files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     settings = Settings()
     settings.ensure_dirs()
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    db = _open_db(settings)
     counts = {"stored": 0, "duplicate": 0, "rejected": 0}
     with Progress(console=console, transient=False) as progress:
         task = progress.add_task("importing", total=len(files))
@@ -145,12 +152,9 @@ def quarantine_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
 ) -> None:
     """List rejected input kept in quarantine, newest first (the same as GET /api/quarantine)."""
-    from triage.db import Database
     from triage.ingest.store import quarantine_listing
 
-    settings = Settings()
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    db = _open_db(Settings())
     doc = quarantine_listing(db)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -185,13 +189,7 @@ def predict(
     if missing:
         console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
         raise typer.Exit(2)
-    analyzer = Analyzer(
-        model_cache_dir=settings.resolved_model_cache_dir,
-        model_mirror=settings.model_mirror,
-        device=settings.device,
-        members=settings.ensemble_members,
-        threshold_ml=settings.ich_threshold_ml,
-    )
+    analyzer = Analyzer.from_settings(settings)
     studies = group_files(paths)
     if not studies:
         console.print("[red]no DICOM files found[/]")

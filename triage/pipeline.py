@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from triage.config import Settings
 from triage.domain import AIStatus, Finding
 from triage.models.store import ModelWeightsError
 from triage.preprocess.ct import PreprocessError, prepare_head_ct
@@ -168,6 +169,16 @@ class Analyzer:
         self._threshold_ml = threshold_ml
         self._model: Any = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Analyzer:
+        return cls(
+            model_cache_dir=settings.resolved_model_cache_dir,
+            model_mirror=settings.model_mirror,
+            device=settings.device,
+            members=settings.ensemble_members,
+            threshold_ml=settings.ich_threshold_ml,
+        )
 
     def haemorrhage_model(self) -> Any:
         with self._lock:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -16,19 +15,13 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 def test_real_normal_series_is_not_flagged(
     cq500_dir: Path, weights_mirror: Path, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "TRIAGE_DATA_DIR": str(tmp_path),
-        "TRIAGE_MODEL_MIRROR": str(weights_mirror),
-        "TRIAGE_DEVICE": "cpu",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "triage.cli", "predict", str(cq500_dir), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    out = run_cli(
+        ["predict", str(cq500_dir), "--json"],
+        tmp_path,
         check=True,
+        timeout=900,
+        TRIAGE_MODEL_MIRROR=str(weights_mirror),
+        TRIAGE_DEVICE="cpu",
     )
     doc = json.loads(out.stdout)
     assert len(doc["studies"]) == 1

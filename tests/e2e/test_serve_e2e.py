@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from tests.conftest import run_cli
 from tests.e2e.conftest import send
 from triage.demo.phantom import PhantomSpec, write_head_ct_series
 from triage.demo.xray import write_demo_radiograph
@@ -133,30 +135,8 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
 
 
 def test_cli_worklist_json_is_the_api_document(server: Server) -> None:
-    import json
-    import os
-    import subprocess
-    import sys
-
     api = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
-    env = {**os.environ, "TRIAGE_DATA_DIR": str(server.data_dir)}
-    env.pop("TRIAGE_DATABASE_URL", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "triage.cli", "worklist", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    cli = json.loads(out.stdout)
+    cli = json.loads(run_cli(["worklist", "--json"], server.data_dir, check=True).stdout)
     assert cli["items"] == api["items"]
-    table = subprocess.run(
-        [sys.executable, "-m", "triage.cli", "worklist"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    table = run_cli(["worklist"], server.data_dir, check=True)
     assert "Reading worklist" in table.stdout

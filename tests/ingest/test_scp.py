@@ -13,7 +13,7 @@ from sqlalchemy import select
 from tests.conftest import pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow
-from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool
+from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool, send_with_pynetdicom
 from triage.ingest.scp import StoreContext, start_scp
 from triage.ingest.store import quarantine_listing
 from triage.serve.launcher import free_port
@@ -154,3 +154,20 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         db.dispose()
+
+
+def test_pynetdicom_fallback_sends_compressed_files_as_they_are(
+    scp: tuple[int, Database],
+) -> None:
+    """The demo's sender when DCMTK is absent: each file in its own transfer syntax."""
+    port, db = scp
+    files = [pydicom_file("RG1_J2KI.dcm"), pydicom_file("CT_small.dcm")]
+    send_with_pynetdicom(files, host="127.0.0.1", port=port, called_ae="TRIAGE")
+    with db.session() as s:
+        rows = s.scalars(select(InstanceRow).order_by(InstanceRow.id)).all()
+    assert [pydicom.dcmread(r.path).pixel_array.shape for r in rows] == [
+        pydicom.dcmread(f).pixel_array.shape for f in files
+    ]
+    assert [r.TransferSyntaxUID for r in rows] == [
+        str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files
+    ]

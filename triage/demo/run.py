@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from rich.console import Console
 from triage.config import Settings
 
 
+@functools.cache
 def dcmtk_tool(name: str) -> str | None:
     """Path of a DCMTK command-line tool, skipping same-named scripts (pynetdicom ships a
     ``storescu`` of its own) by checking that ``--version`` names DCMTK."""
@@ -81,25 +83,37 @@ def send_dicom(
         ):
             subprocess.run(cmd, check=True, capture_output=True)
         return "storescu"
+    send_with_pynetdicom(paths, host=host, port=port, called_ae=called_ae, calling_ae=calling_ae)
+    return "pynetdicom"
+
+
+def send_with_pynetdicom(
+    paths: Sequence[Path], *, host: str, port: int, called_ae: str, calling_ae: str = "DEMO"
+) -> None:
+    """C-STORE with pynetdicom, proposing each file's own SOP class and transfer syntax,
+    so that compressed files are sent as they are (the fallback when DCMTK is absent)."""
     from pydicom import dcmread
     from pynetdicom import AE
 
-    from triage.ingest.scp import STORAGE_SOP_CLASSES
-
+    contexts: dict[tuple[str, str], None] = {}
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        contexts[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
+    if len(contexts) > 128:
+        raise RuntimeError(f"{len(contexts)} presentation contexts needed; at most 128 fit")
     ae = AE(ae_title=calling_ae)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_requested_context(sop_class)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise RuntimeError(f"association with {called_ae}@{host}:{port} was not established")
     try:
         for p in paths:
-            status = assoc.send_c_store(dcmread(p))
+            status = assoc.send_c_store(p)
             if getattr(status, "Status", None) != 0:
                 raise RuntimeError(f"C-STORE of {p.name} failed")
     finally:
         assoc.release()
-    return "pynetdicom"
 
 
 def make_demo_studies(out_dir: Path) -> list[tuple[str, list[Path]]]:

@@ -7,7 +7,7 @@ and never decode pixels or run a model (the worker does that later).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.db import Database
-from triage.ingest.store import IngestOutcome, StoreStatus, ingest_instance
+from triage.ingest.store import StoreStatus, ingest_instance
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class StoreContext:
     store_dir: Path
     tmp_dir: Path
     quarantine_dir: Path
-    on_stored: Callable[[IngestOutcome], None] | None = None
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -74,17 +73,16 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
     except Exception as exc:  # malformed command or data set: never crash the association
         log.warning("C-STORE from %s could not be read: %s", calling, type(exc).__name__)
         return int(StoreStatus.cannot_understand)
-    outcome = ingest_instance(
-        data,
-        db=ctx.db,
-        store_dir=ctx.store_dir,
-        tmp_dir=ctx.tmp_dir,
-        quarantine_dir=ctx.quarantine_dir,
-        source=f"dicom:{calling}",
+    return int(
+        ingest_instance(
+            data,
+            db=ctx.db,
+            store_dir=ctx.store_dir,
+            tmp_dir=ctx.tmp_dir,
+            quarantine_dir=ctx.quarantine_dir,
+            source=f"dicom:{calling}",
+        ).status
     )
-    if outcome.ok and ctx.on_stored is not None:
-        ctx.on_stored(outcome)
-    return int(outcome.status)
 
 
 def make_ae(ae_title: str, allowed_calling_aets: Sequence[str] = ()) -> AE:

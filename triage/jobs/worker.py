@@ -72,9 +72,6 @@ class Worker:
         for thread in self._threads:
             thread.join(timeout)
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def _assemble_loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:

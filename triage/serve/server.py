@@ -27,13 +27,7 @@ class TriageService:
         settings.ensure_dirs()
         self.db = Database(settings.resolved_database_url)
         self.db.migrate()
-        self.analyzer = Analyzer(
-            model_cache_dir=settings.resolved_model_cache_dir,
-            model_mirror=settings.model_mirror,
-            device=settings.device,
-            members=settings.ensemble_members,
-            threshold_ml=settings.ich_threshold_ml,
-        )
+        self.analyzer = Analyzer.from_settings(settings)
         self.worker = Worker(
             db=self.db,
             analyzer=self.analyzer,

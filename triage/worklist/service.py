@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from triage.db import Database
-from triage.db.tables import FindingRow, StudyRow
+from triage.db.tables import StudyRow
 from triage.domain import Finding
 from triage.worklist.priority import POLICY_VERSION, StudyContext, rank_studies
 
@@ -23,10 +23,6 @@ def _utc(value: datetime | None) -> datetime | None:
 def _iso(value: datetime | None) -> str | None:
     v = _utc(value)
     return v.isoformat() if v else None
-
-
-def finding_json(row: FindingRow) -> dict[str, Any]:
-    return dict(row.payload)
 
 
 def _findings(study: StudyRow) -> list[Finding]:
@@ -50,7 +46,7 @@ def _study_summary(study: StudyRow) -> dict[str, Any]:
         "received_at": _iso(study.first_received_at),
         "ai_status": study.ai_status,
         "ai_error": study.ai_error,
-        "findings": [finding_json(f) for f in study.findings],
+        "findings": [dict(f.payload) for f in study.findings],
     }
 
 
