@@ -33,4 +33,5 @@ def test_import_folder_recursively_and_quarantine_bad_files(tmp_path: Path) -> N
         assert s.scalar(select(func.count()).select_from(InstanceRow)) == 2
     listed = json.loads(run_cli(["quarantine", "--json"], data_dir).stdout)
     (item,) = listed["items"]
-    assert item["source"] == "import" and "unreadable" in item["reason"]
+    assert item["source"] == "import" and item["reason"].startswith("not DICOM")
+    assert "garbage.dcm: 0xC000 not DICOM" in first.stdout.replace("\n", "")

@@ -31,6 +31,10 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("pynetdicom", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python warnings from pydicom can quote attribute values (patient data): route warnings
+    # through logging and keep them out of the log.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def _open_db(settings: Settings) -> Database:
@@ -112,7 +116,7 @@ def import_cmd(
     _setup_logging(verbose)
     from rich.progress import Progress
 
-    from triage.ingest.store import ingest_instance
+    from triage.ingest.store import Ingestor
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -123,25 +127,37 @@ def import_cmd(
         files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     settings = Settings()
     settings.ensure_dirs()
-    db = _open_db(settings)
-    counts = {"stored": 0, "duplicate": 0, "rejected": 0}
+    ingestor = Ingestor.from_settings(settings, _open_db(settings))
+    counts = {"stored": 0, "with warning": 0, "duplicate": 0, "rejected": 0}
+    rejected: list[tuple[Path, str]] = []
     with Progress(console=console, transient=False) as progress:
         task = progress.add_task("importing", total=len(files))
         for f in files:
-            outcome = ingest_instance(
-                f.read_bytes(),
-                db=db,
-                store_dir=settings.store_dir,
-                tmp_dir=settings.incoming_dir,
-                quarantine_dir=settings.quarantine_dir,
-                source="import",
-            )
-            key = "rejected" if not outcome.ok else "duplicate" if outcome.duplicate else "stored"
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                counts["rejected"] += 1
+                rejected.append((f, f"cannot read the file: {exc.strerror}"))
+                progress.advance(task)
+                continue
+            outcome = ingestor.ingest(data, source="import")
+            if not outcome.ok:
+                key = "rejected"
+                rejected.append((f, f"0x{int(outcome.status):04X} {outcome.reason}"))
+            elif outcome.duplicate:
+                key = "duplicate"
+            else:
+                key = "stored" if outcome.status == 0 else "with warning"
             counts[key] += 1
             progress.advance(task)
+    for path, reason in rejected[:20]:
+        console.print(f"[red]rejected[/] {path}: {reason}", markup=True, highlight=False)
+    if len(rejected) > 20:
+        console.print(f"... and {len(rejected) - 20} more")
     console.print(
-        f"{len(files)} file(s): {counts['stored']} stored, {counts['duplicate']} already stored,"
-        f" {counts['rejected']} rejected (see `triage quarantine`)"
+        f"{len(files)} file(s): {counts['stored']} stored, {counts['with warning']} stored with"
+        f" a warning, {counts['duplicate']} already stored, {counts['rejected']} rejected"
+        " (kept in quarantine: `triage quarantine`)"
     )
     if counts["rejected"]:
         raise typer.Exit(1)

@@ -29,6 +29,51 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Calling AE titles allowed to associate (JSON list); empty allows any.",
     )
+    allowed_peer_addresses: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or networks (CIDR) allowed to connect to the DICOM port"
+        " (JSON list); empty allows any.",
+    )
+    max_associations: int = Field(
+        default=16, ge=1, description="Concurrent DICOM associations; more are rejected."
+    )
+    max_pdu_bytes: int = Field(
+        default=262144,
+        ge=0,
+        description="Largest P-DATA PDU the DICOM listener accepts (0: no limit).",
+    )
+    dicom_tls_cert: Path | None = Field(
+        default=None, description="PEM certificate: DICOM over TLS when set (with the key)."
+    )
+    dicom_tls_key: Path | None = Field(default=None, description="PEM private key for TLS.")
+    dicom_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: when set, DICOM TLS peers must present a certificate"
+        " signed by it (mutual TLS).",
+    )
+    https_cert: Path | None = Field(
+        default=None, description="PEM certificate: the HTTP API is served over HTTPS when set."
+    )
+    https_key: Path | None = Field(default=None, description="PEM private key for HTTPS.")
+    max_pixel_bytes: int = Field(
+        default=4 * 1024**3,
+        gt=0,
+        description="Refuse instances whose Rows x Columns x frames x samples x bits exceeds"
+        " this (checked from the header, before pixel data is read).",
+    )
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="Largest STOW-RS request body accepted."
+    )
+    min_free_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description="Below this much free disk, input is refused with 0xA700 (senders retry).",
+    )
+    duplicate_policy: Literal["keep_first", "replace", "reject"] = Field(
+        default="keep_first",
+        description="A different instance under a known SOPInstanceUID: keep the first"
+        " (the new copy goes to quarantine), replace it (and analyse again), or reject it.",
+    )
     model_mirror: str | None = Field(
         default=None,
         description="Directory or URL prefix holding <model>/<file> weight files (offline use).",
@@ -44,6 +89,12 @@ class Settings(BaseSettings):
         description="Haemorrhage ensemble size; default 1 on CPU, 12 on CUDA.",
     )
     series_quiet_seconds: float = Field(default=2.0, gt=0)
+    study_max_wait_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A study still receiving after this long is analysed with what arrived"
+        " (and again when it goes quiet).",
+    )
     worker_poll_seconds: float = Field(default=0.5, gt=0)
     ich_threshold_ml: float | None = Field(
         default=None, ge=0, description="Override the haemorrhage flag threshold (ml)."

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -14,33 +17,37 @@ from tests.conftest import pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow
 from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool, send_with_pynetdicom
-from triage.ingest.scp import StoreContext, start_scp
-from triage.ingest.store import quarantine_listing
+from triage.ingest.scp import ScpOptions, parse_networks, start_scp
+from triage.ingest.store import Ingestor, quarantine_listing
 from triage.serve.launcher import free_port
+
+
+def make_ingestor(tmp_path: Path) -> Ingestor:
+    (tmp_path / "incoming").mkdir(parents=True, exist_ok=True)
+    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
+    db.migrate()
+    return Ingestor(db, tmp_path / "dicom", tmp_path / "incoming", tmp_path / "quarantine")
+
+
+@contextmanager
+def running_scp(tmp_path: Path, **options: Any) -> Iterator[tuple[int, Database]]:
+    """An SCP on a free port with its own database; ``options`` go to ScpOptions."""
+    ingestor = make_ingestor(tmp_path)
+    port = free_port()
+    server = start_scp(
+        ScpOptions(host="127.0.0.1", port=port, ae_title="TRIAGE", **options), ingestor
+    )
+    try:
+        yield port, ingestor.db
+    finally:
+        server.shutdown()
+        ingestor.db.dispose()
 
 
 @pytest.fixture()
 def scp(tmp_path: Path) -> Iterator[tuple[int, Database]]:
-    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
-    db.migrate()
-    (tmp_path / "incoming").mkdir()
-    port = free_port()
-    server = start_scp(
-        host="127.0.0.1",
-        port=port,
-        ae_title="TRIAGE",
-        ctx=StoreContext(
-            db=db,
-            store_dir=tmp_path / "dicom",
-            tmp_dir=tmp_path / "incoming",
-            quarantine_dir=tmp_path / "quarantine",
-        ),
-    )
-    try:
-        yield port, db
-    finally:
-        server.shutdown()
-        db.dispose()
+    with running_scp(tmp_path) as value:
+        yield value
 
 
 def tool(name: str) -> str:
@@ -67,20 +74,19 @@ def test_wrong_called_ae_title_is_rejected(scp: tuple[int, Database]) -> None:
     "name",
     [
         "CT_small.dcm",  # CT, explicit little endian
-        "MR_small_RLE.dcm",  # MR is not a stored class: refused by the SCP
+        "MR_small_RLE.dcm",  # MR: outside the models' scope, stored all the same
         "693_J2KR.dcm",  # CT, JPEG 2000 lossless: stored as received
         "RG1_J2KI.dcm",  # CR, JPEG 2000
         "SC_rgb_rle.dcm",  # secondary capture, RLE
         "JPEG-LL.dcm",  # JPEG lossless
     ],
 )
-def test_store_keeps_bytes_of_accepted_classes(
+def test_store_keeps_bytes_in_every_transfer_syntax(
     scp: tuple[int, Database], tmp_path: Path, name: str
 ) -> None:
     port, db = scp
     src = pydicom_file(name)
     ds = pydicom.dcmread(src)
-    accepted = ds.SOPClassUID.name.startswith(("CT", "Secondary", "Computed", "Digital X-Ray"))
     res = subprocess.run(
         [
             tool("storescu"),
@@ -96,9 +102,6 @@ def test_store_keeps_bytes_of_accepted_classes(
     )
     with db.session() as s:
         rows = s.scalars(select(InstanceRow)).all()
-    if not accepted:
-        assert rows == []
-        return
     assert res.returncode == 0, res.stderr
     assert len(rows) == 1
     stored = pydicom.dcmread(rows[0].path)
@@ -130,19 +133,7 @@ def test_rejected_instance_gets_a_failure_status_and_is_quarantined(
 
 
 def test_calling_ae_allow_list(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
-    db.migrate()
-    port = free_port()
-    ctx = StoreContext(
-        db=db,
-        store_dir=tmp_path / "dicom",
-        tmp_dir=tmp_path / "incoming",
-        quarantine_dir=tmp_path / "quarantine",
-    )
-    server = start_scp(
-        host="127.0.0.1", port=port, ae_title="TRIAGE", ctx=ctx, allowed_calling_aets=["PACS1"]
-    )
-    try:
+    with running_scp(tmp_path, allowed_calling_aets=["PACS1"]) as (port, _):
         echo = [tool("echoscu"), "-aec", "TRIAGE"]
         ok = subprocess.run([*echo, "-aet", "PACS1", "127.0.0.1", str(port)], capture_output=True)
         assert ok.returncode == 0
@@ -151,9 +142,137 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
         )
         assert bad.returncode != 0
         assert b"Rejected" in bad.stdout + bad.stderr
-    finally:
-        server.shutdown()
-        db.dispose()
+
+
+def test_peer_address_allow_list(tmp_path: Path) -> None:
+    echo = [tool("echoscu"), "-aec", "TRIAGE", "127.0.0.1"]
+    with running_scp(tmp_path / "a", allowed_peer_addresses=["10.0.0.0/8"]) as (port, _):
+        refused = subprocess.run([*echo, str(port)], capture_output=True)
+        assert refused.returncode != 0
+    with running_scp(tmp_path / "b", allowed_peer_addresses=["127.0.0.0/8"]) as (port, _):
+        subprocess.run([*echo, str(port)], check=True, capture_output=True)
+
+
+def test_bad_peer_address_setting_is_named() -> None:
+    with pytest.raises(ValueError, match="'not-an-ip'"):
+        parse_networks(["127.0.0.1", "not-an-ip"])
+
+
+def test_association_limit(tmp_path: Path) -> None:
+    """With max_associations=1 a second concurrent association is rejected."""
+    from pynetdicom import AE
+
+    with running_scp(tmp_path, max_associations=1) as (port, _):
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+        assert held.is_established
+        try:
+            second = subprocess.run(
+                [tool("echoscu"), "-aec", "TRIAGE", "127.0.0.1", str(port)], capture_output=True
+            )
+            assert second.returncode != 0
+        finally:
+            held.release()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server and a client certificate made with the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+        )
+    return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+def test_dicom_over_tls_with_storescu(tmp_path: Path, tls_files: dict[str, Path]) -> None:
+    """TLS on: storescu over TLS with a client certificate stores; plain TCP fails."""
+    options = {
+        "tls_cert": tls_files["server.pem"],
+        "tls_key": tls_files["server.key"],
+        "tls_ca": tls_files["ca.pem"],
+    }
+    src = pydicom_file("CT_small.dcm")
+    with running_scp(tmp_path, **options) as (port, db):
+        tls = [
+            "+tls",
+            str(tls_files["client.key"]),
+            str(tls_files["client.pem"]),
+            "+cf",
+            str(tls_files["ca.pem"]),
+        ]
+        ok = subprocess.run(
+            [tool("storescu"), *tls, "-aec", "TRIAGE", "127.0.0.1", str(port), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        plain = subprocess.run(
+            [tool("echoscu"), "-aec", "TRIAGE", "-to", "5", "127.0.0.1", str(port)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert plain.returncode != 0
+        with db.session() as s:
+            (row,) = s.scalars(select(InstanceRow)).all()
+        assert pydicom.dcmread(row.path).SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
+
+
+def test_tls_needs_both_cert_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="TRIAGE_DICOM_TLS_KEY"):
+        ScpOptions("127.0.0.1", 0, "TRIAGE", tls_cert=tmp_path / "x.pem").ssl_context()
 
 
 def test_pynetdicom_fallback_sends_compressed_files_as_they_are(

@@ -4,16 +4,26 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
+import pydicom.filewriter
 import pytest
+from pydicom.filebase import DicomBytesIO
 from sqlalchemy import func, select
 
 from tests.conftest import pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow, JobRow, QuarantineRow, SeriesRow, StudyRow
 from triage.ingest.assembly import complete_quiet_series
-from triage.ingest.store import StoreStatus, ingest_instance, quarantine_listing
+from triage.ingest.store import (
+    DuplicatePolicy,
+    Ingestor,
+    StoreStatus,
+    ingest_instance,
+    quarantine_listing,
+)
 
 
 @pytest.fixture()
@@ -102,7 +112,7 @@ def test_garbage_rejected_and_kept(db: Database, tmp_path: Path) -> None:
     data = b"\x00" * 10 + b"not dicom at all"
     outcome = ingest(db, tmp_path, data)
     assert outcome.status == StoreStatus.cannot_understand
-    assert "unreadable" in outcome.reason or "missing" in outcome.reason
+    assert outcome.reason.startswith("not DICOM")
     assert_quarantined(db, tmp_path, data, outcome.reason, outcome.quarantine_id)
 
 
@@ -129,3 +139,154 @@ def test_quiet_period_completes_series_and_late_instance_requeues(
     assert len(complete_quiet_series(db, quiet_seconds=2, now=late + timedelta(seconds=3))) == 1
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(JobRow)) == 2
+
+
+def ingestor(db: Database, tmp_path: Path, **options: Any) -> Ingestor:
+    (tmp_path / "incoming").mkdir(exist_ok=True)
+    return Ingestor(
+        db, tmp_path / "dicom", tmp_path / "incoming", tmp_path / "quarantine", **options
+    )
+
+
+def stored_paths(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "dicom").rglob("*.dcm")) if (tmp_path / "dicom").exists() else []
+
+
+def test_executable_preamble_is_refused(db: Database, tmp_path: Path) -> None:
+    data = ct_bytes()
+    for magic in (b"MZ\x90\x00", b"\x7fELF\x02\x01"):
+        evil = magic + data[len(magic) :]
+        outcome = ingest(db, tmp_path, evil)
+        assert outcome.status == StoreStatus.cannot_understand
+        assert "preamble holds an executable" in outcome.reason
+    assert stored_paths(tmp_path) == []
+    # a TIFF dual-personality preamble is allowed (PS3.10 7.5)
+    assert ingest(db, tmp_path, b"II*\x00" + data[4:]).ok
+
+
+def test_oversized_dimensions_refused_before_pixel_data(db: Database, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1000  # 8 TB announced, 32 KB sent
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    outcome = ingestor(db, tmp_path, max_pixel_bytes=1024**3).ingest(buf.getvalue(), source="t")
+    assert outcome.status == StoreStatus.cannot_understand
+    assert outcome.reason.startswith("image too large: Rows 65535 x Columns 65535 x frames 1000")
+    assert stored_paths(tmp_path) == []
+
+
+def test_truncated_native_pixel_data_is_refused(db: Database, tmp_path: Path) -> None:
+    data = ct_bytes()
+    outcome = ingest(db, tmp_path, data[:-20000])
+    assert outcome.status == StoreStatus.cannot_understand
+    assert "truncated PixelData" in outcome.reason
+    assert stored_paths(tmp_path) == []
+
+
+def test_truncated_encapsulated_pixel_data_is_refused(db: Database, tmp_path: Path) -> None:
+    data = pydicom_file("693_J2KR.dcm").read_bytes()
+    outcome = ingest(db, tmp_path, data[: len(data) // 2])
+    assert outcome.status == StoreStatus.cannot_understand
+    assert outcome.reason.startswith("truncated")
+    assert stored_paths(tmp_path) == []
+
+
+def test_image_class_without_pixel_data_does_not_match_sop_class(
+    db: Database, tmp_path: Path
+) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.PixelData
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    outcome = ingest(db, tmp_path, buf.getvalue())
+    assert outcome.status == StoreStatus.dataset_does_not_match_sop_class
+    assert outcome.reason == "data set does not match CT Image Storage: no pixel data"
+
+
+def test_request_and_data_set_disagree(db: Database, tmp_path: Path) -> None:
+    outcome = ingestor(db, tmp_path).ingest(
+        ct_bytes(), source="t", expected_sop_class="1.2.840.10008.5.1.4.1.1.4"
+    )
+    assert outcome.status == StoreStatus.dataset_does_not_match_sop_class
+    assert "C-STORE request" in outcome.reason
+
+
+def test_modality_contradicting_sop_class_is_stored_with_warning(
+    db: Database, tmp_path: Path
+) -> None:
+    outcome = ingest(db, tmp_path, ct_bytes(Modality="MR"))
+    assert outcome.status == StoreStatus.dataset_does_not_match_sop_class_warning
+    assert outcome.ok and "Modality 'MR' does not match CT Image Storage" in outcome.reason
+    assert len(stored_paths(tmp_path)) == 1
+
+
+def test_bare_data_set_gets_file_meta_with_coercion_warning(db: Database, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(fp, ds)  # no preamble, no file meta
+    outcome = ingest(db, tmp_path, fp.getvalue())
+    assert outcome.status == StoreStatus.coercion_of_elements
+    (path,) = stored_paths(tmp_path)
+    stored = pydicom.dcmread(path)  # a proper Part 10 file now
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(stored.pixel_array, ds.pixel_array)
+
+
+def test_low_disk_answers_out_of_resources(db: Database, tmp_path: Path) -> None:
+    outcome = ingestor(db, tmp_path, min_free_bytes=2**62).ingest(ct_bytes(), source="t")
+    assert outcome.status == StoreStatus.out_of_resources
+    assert stored_paths(tmp_path) == []
+
+
+def test_duplicate_policy_keep_first(db: Database, tmp_path: Path) -> None:
+    first, second = ct_bytes(), ct_bytes(PatientID="CORRECTED")
+    ing = ingestor(db, tmp_path)
+    assert ing.ingest(first, source="t").status == StoreStatus.success
+    outcome = ing.ingest(second, source="t")
+    assert outcome.status == StoreStatus.success and outcome.duplicate
+    (path,) = stored_paths(tmp_path)
+    assert path.read_bytes() == first
+    (item,) = quarantine_listing(db)["items"]
+    assert "policy keep_first" in str(item["reason"])
+    assert item["sha256"] == hashlib.sha256(second).hexdigest()
+
+
+def test_duplicate_policy_replace_reopens_the_series(db: Database, tmp_path: Path) -> None:
+    first, second = ct_bytes(), ct_bytes(PatientID="CORRECTED")
+    ing = ingestor(db, tmp_path, duplicate_policy=DuplicatePolicy.REPLACE)
+    ing.ingest(first, source="t")
+    t1 = datetime(2026, 1, 1, tzinfo=UTC)
+    complete_quiet_series(db, quiet_seconds=0.001, now=datetime.now(UTC) + timedelta(seconds=1))
+    assert ing.ingest(second, source="t", now=t1).status == StoreStatus.success
+    (path,) = stored_paths(tmp_path)
+    assert path.read_bytes() == second
+    with db.session() as s:
+        assert s.scalar(select(SeriesRow.state)) == "receiving"
+        assert s.scalar(select(InstanceRow.sha256)) == hashlib.sha256(second).hexdigest()
+        assert s.scalar(select(func.count()).select_from(InstanceRow)) == 1
+
+
+def test_duplicate_policy_reject(db: Database, tmp_path: Path) -> None:
+    ing = ingestor(db, tmp_path, duplicate_policy=DuplicatePolicy.REJECT)
+    ing.ingest(ct_bytes(), source="t")
+    outcome = ing.ingest(ct_bytes(PatientID="OTHER"), source="t")
+    assert outcome.status == StoreStatus.duplicate_sop_instance and not outcome.ok
+    assert len(quarantine_listing(db)["items"]) == 1
+
+
+def test_max_wait_processes_a_study_that_never_goes_quiet(db: Database, tmp_path: Path) -> None:
+    """An instance every second for 10 minutes: analysed at 5 min, 10 min, then when quiet."""
+    t0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+    queued_at: list[int] = []
+    for second in range(0, 601):
+        now = t0 + timedelta(seconds=second)
+        ingest(db, tmp_path, ct_bytes(SOPInstanceUID=f"1.2.3.4.{second}"), now=now)
+        if complete_quiet_series(db, quiet_seconds=2, max_wait_seconds=300, now=now):
+            queued_at.append(second)
+            with db.session() as s:  # the worker takes the job
+                for job in s.scalars(select(JobRow).where(JobRow.state == "queued")):
+                    job.state = "done"
+    assert queued_at == [300, 600]
+    end = t0 + timedelta(seconds=603)
+    assert len(complete_quiet_series(db, quiet_seconds=2, max_wait_seconds=300, now=end)) == 1

@@ -37,9 +37,17 @@ def enqueue_study(s: Session, study: StudyRow, *, now: datetime) -> bool:
 
 
 def complete_quiet_series(
-    db: Database, *, quiet_seconds: float, now: datetime | None = None
+    db: Database,
+    *,
+    quiet_seconds: float,
+    max_wait_seconds: float | None = None,
+    now: datetime | None = None,
 ) -> list[str]:
     """Mark quiet series complete and queue studies whose series are all complete.
+
+    A study that is still receiving ``max_wait_seconds`` after its first instance (or after
+    its last analysis) is queued anyway, so a series that trickles in, or a sender that
+    never stops, cannot hold a critical study back; it is analysed again once quiet.
 
     Returns:
         StudyInstanceUIDs queued by this call.
@@ -50,17 +58,45 @@ def complete_quiet_series(
     with db.session() as s:
         receiving = s.scalars(select(SeriesRow).where(SeriesRow.state == "receiving")).all()
         touched: set[int] = set()
+        waiting: set[int] = set()
         for series in receiving:
             if _as_utc(series.last_received_at) <= cutoff:
                 series.state = "complete"
                 touched.add(series.study_id)
-        for study_id in sorted(touched):
+            else:
+                waiting.add(series.study_id)
+        for study_id in sorted(touched | waiting):
             study = s.get(StudyRow, study_id)
             if study is None:
                 continue
-            if any(se.state != "complete" for se in study.series):
-                continue
-            if enqueue_study(s, study, now=now):
-                queued.append(study.StudyInstanceUID)
-                log.info("study #%d complete, queued for analysis", study.id)
+            if all(se.state == "complete" for se in study.series):
+                if enqueue_study(s, study, now=now):
+                    queued.append(study.StudyInstanceUID)
+                    log.info("study #%d complete, queued for analysis", study.id)
+            elif max_wait_seconds is not None and _waited_too_long(
+                s, study, now=now, max_wait_seconds=max_wait_seconds
+            ):
+                if enqueue_study(s, study, now=now):
+                    queued.append(study.StudyInstanceUID)
+                    log.info(
+                        "study #%d still receiving after %.0f s, queued with what arrived",
+                        study.id,
+                        max_wait_seconds,
+                    )
     return queued
+
+
+def _waited_too_long(
+    s: Session, study: StudyRow, *, now: datetime, max_wait_seconds: float
+) -> bool:
+    """True when neither the first arrival nor the latest job is within the max wait."""
+    limit = now - timedelta(seconds=max_wait_seconds)
+    if _as_utc(study.first_received_at) > limit:
+        return False
+    latest_job = s.scalar(
+        select(JobRow.created_at)
+        .where(JobRow.study_id == study.id)
+        .order_by(JobRow.created_at.desc())
+        .limit(1)
+    )
+    return latest_job is None or _as_utc(latest_job) <= limit

@@ -34,12 +34,14 @@ class Worker:
         results_dir: Path,
         quiet_seconds: float,
         poll_seconds: float = 0.5,
+        max_wait_seconds: float | None = None,
     ) -> None:
         self.db = db
         self.analyzer = analyzer
         self.results_dir = results_dir
         self.quiet_seconds = quiet_seconds
         self.poll_seconds = poll_seconds
+        self.max_wait_seconds = max_wait_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -75,7 +77,11 @@ class Worker:
     def _assemble_loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
-                if complete_quiet_series(self.db, quiet_seconds=self.quiet_seconds):
+                if complete_quiet_series(
+                    self.db,
+                    quiet_seconds=self.quiet_seconds,
+                    max_wait_seconds=self.max_wait_seconds,
+                ):
                     self._wake.set()
             except Exception:
                 log.exception("study assembly failed")

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from triage import __version__
 from triage.db import Database
 from triage.db.tables import FindingRow, StudyRow
+from triage.ingest.store import Ingestor
 from triage.worklist import service
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -26,10 +27,24 @@ def get_db(request: Request) -> Database:
 DB = Annotated[Database, Depends(get_db)]
 
 
-def create_app(db: Database) -> FastAPI:
-    """Build the app around an open (migrated) database."""
+def create_app(
+    db: Database, *, ingestor: Ingestor | None = None, max_upload_bytes: int = 2 * 1024**3
+) -> FastAPI:
+    """Build the app around an open (migrated) database.
+
+    Args:
+        db: the database.
+        ingestor: when given, DICOMweb STOW-RS (``POST /dicomweb/studies``) stores through it.
+        max_upload_bytes: the largest STOW-RS request body accepted.
+    """
     app = FastAPI(title="triage", version=__version__)
     app.state.db = db
+    if ingestor is not None:
+        from triage.serve.dicomweb import stow_router
+
+        app.state.ingestor = ingestor
+        app.state.max_upload_bytes = max_upload_bytes
+        app.include_router(stow_router)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:

@@ -11,7 +11,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import Settings
 from triage.db import Database
-from triage.ingest.scp import StoreContext, start_scp
+from triage.ingest.scp import ScpOptions, start_scp
+from triage.ingest.store import Ingestor
 from triage.jobs.worker import Worker
 from triage.pipeline import Analyzer
 from triage.serve.app import create_app
@@ -34,27 +35,19 @@ class TriageService:
             results_dir=settings.results_dir,
             quiet_seconds=settings.series_quiet_seconds,
             poll_seconds=settings.worker_poll_seconds,
+            max_wait_seconds=settings.study_max_wait_seconds,
         )
-        self.app = create_app(self.db)
+        self.ingestor = Ingestor.from_settings(settings, self.db)
+        self.app = create_app(
+            self.db, ingestor=self.ingestor, max_upload_bytes=settings.max_upload_bytes
+        )
         self._scp: ThreadedAssociationServer | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
     def start_background(self) -> None:
         """Start the SCP and the worker (the HTTP server is started by the caller)."""
-        ctx = StoreContext(
-            db=self.db,
-            store_dir=self.settings.store_dir,
-            tmp_dir=self.settings.incoming_dir,
-            quarantine_dir=self.settings.quarantine_dir,
-        )
-        self._scp = start_scp(
-            host=self.settings.dicom_host,
-            port=self.settings.dicom_port,
-            ae_title=self.settings.ae_title,
-            ctx=ctx,
-            allowed_calling_aets=self.settings.allowed_calling_aets,
-        )
+        self._scp = start_scp(ScpOptions.from_settings(self.settings), self.ingestor)
         self.worker.start()
 
     def _uvicorn(self) -> uvicorn.Server:
@@ -64,6 +57,8 @@ class TriageService:
             port=self.settings.http_port,
             log_level="warning",
             access_log=False,
+            ssl_certfile=self.settings.https_cert,
+            ssl_keyfile=self.settings.https_key,
         )
         return uvicorn.Server(config)
 
