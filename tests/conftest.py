@@ -72,3 +72,13 @@ def run_cli(
         timeout=timeout,
         check=check,
     )
+
+
+@pytest.fixture(scope="session")
+def storescu() -> str:
+    from triage.demo.run import dcmtk_tool
+
+    path = dcmtk_tool("storescu")
+    if path is None:
+        pytest.skip("DCMTK storescu is not installed (apt-get install dcmtk; .ci/run does)")
+    return path

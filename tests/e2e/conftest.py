@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from triage.demo.run import dcmtk_tool, storescu_commands
+from triage.demo.run import storescu_commands
 from triage.serve.launcher import ServerProcess
-
-
-@pytest.fixture(scope="session")
-def storescu() -> str:
-    path = dcmtk_tool("storescu")
-    if path is None:
-        pytest.skip("DCMTK storescu is not installed (apt-get install dcmtk; .ci/run does)")
-    return path
 
 
 def send(

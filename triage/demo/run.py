@@ -45,6 +45,11 @@ STORESCU_PROPOSE: dict[str, str] = {
     "1.2.840.10008.1.2.4.57": "-xs",  # JPEG lossless
     "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline (8 bit)
     "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended (12 bit)
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.1.99": "-xd",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.2": "-xb",  # explicit VR big endian
+    "1.2.840.10008.1.2": "-xi",  # implicit VR little endian
 }
 
 

@@ -35,6 +35,7 @@ from triage.db.tables import InstanceRow, QuarantineRow, SeriesRow, StudyRow
 
 log = logging.getLogger(__name__)
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -278,6 +279,8 @@ def check_pixel_data(data: bytes, ds: Dataset) -> str | None:
     rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
     frames = _int(ds, "NumberOfFrames", 1) or 1
     samples, bits = _int(ds, "SamplesPerPixel", 1) or 1, _int(ds, "BitsAllocated", 0) or 0
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and samples == 3:
+        samples = 2  # native YBR_FULL_422 keeps 2 values per pixel (PS3.3 C.7.6.3.1.2)
     pixels = rows * cols * frames * samples
     needed = (pixels + 7) // 8 if bits == 1 else pixels * bits // 8
     if len(value) < needed:
@@ -563,6 +566,12 @@ class Ingestor:
             value = ds.get(name)
             if value is not None and _uid_problem(name, value) is None:
                 ids[name] = str(value)
+        media_class = str(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
+        if media_class == MEDIA_STORAGE_DIRECTORY:
+            return reject(
+                StoreStatus.cannot_understand,
+                "a DICOMDIR (media storage directory), not an instance: import its folder",
+            )
         problem = validate_header(ds)
         if problem:
             return reject(StoreStatus.cannot_understand, problem)
@@ -633,7 +642,7 @@ class Ingestor:
         if existing is not None:
             if existing[0] == digest:
                 return outcome(StoreStatus.success, "duplicate of a stored instance", True)
-            return self._conflict(data, ds, existing[1], source=source, now=now)
+            return self._conflict(data, ds, existing[1], source=source, now=now, warning=warning)
 
         dest = instance_path(self.store_dir, study_uid, series_uid, sop_uid, digest)
         try:
@@ -656,7 +665,7 @@ class Ingestor:
             if existing is not None and existing[0] == digest:
                 return outcome(StoreStatus.success, "duplicate of a stored instance", True)
             if existing is not None:
-                return self._conflict(data, ds, existing[1], source=source, now=now)
+                return self._conflict(data, ds, existing[1], source=source, now=now, warning=warning)
             raise
         except SQLAlchemyError:
             dest.unlink(missing_ok=True)  # not indexed: nothing refers to it
@@ -676,7 +685,14 @@ class Ingestor:
         return None if row is None else (str(row[0]), Path(row[1]))
 
     def _conflict(
-        self, data: bytes, ds: Dataset, existing_path: Path, *, source: str, now: datetime
+        self,
+        data: bytes,
+        ds: Dataset,
+        existing_path: Path,
+        *,
+        source: str,
+        now: datetime,
+        warning: tuple[StoreStatus, str] | None = None,
     ) -> IngestOutcome:
         """A different instance under a known SOPInstanceUID, handled by the policy."""
         sop_uid = str(ds.SOPInstanceUID)
@@ -710,8 +726,9 @@ class Ingestor:
                 existing_path.unlink(missing_ok=True)  # after the index points at the new copy
             log.info("instance from %s replaced a stored copy (policy replace)", source)
             return IngestOutcome(
-                StoreStatus.success,
-                "replaced the stored copy (policy replace)",
+                warning[0] if warning else StoreStatus.success,
+                "replaced the stored copy (policy replace)"
+                + (f", with a warning: {warning[1]}" if warning else ""),
                 sop_uid,
                 study_uid,
                 sop_class,
