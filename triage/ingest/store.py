@@ -665,7 +665,9 @@ class Ingestor:
             if existing is not None and existing[0] == digest:
                 return outcome(StoreStatus.success, "duplicate of a stored instance", True)
             if existing is not None:
-                return self._conflict(data, ds, existing[1], source=source, now=now, warning=warning)
+                return self._conflict(
+                    data, ds, existing[1], source=source, now=now, warning=warning
+                )
             raise
         except SQLAlchemyError:
             dest.unlink(missing_ok=True)  # not indexed: nothing refers to it

@@ -34,7 +34,8 @@ class ServerProcess:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = ae_title
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        https = bool((env or {}).get("TRIAGE_HTTPS_CERT"))
+        self.http_url = f"{'https' if https else 'http'}://127.0.0.1:{self.http_port}"
         self.log_path = data_dir / "serve.log"
         self._env = {
             **os.environ,
@@ -64,7 +65,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"triage serve exited early:\n{self.log()}")
             try:
-                if httpx.get(f"{self.http_url}/api/health", timeout=1).status_code == 200:
+                # Only liveness is checked here; callers verify the certificate themselves.
+                health = httpx.get(f"{self.http_url}/api/health", timeout=1, verify=False)
+                if health.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

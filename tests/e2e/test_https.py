@@ -1,0 +1,26 @@
+"""The HTTP API over HTTPS when TRIAGE_HTTPS_CERT / TRIAGE_HTTPS_KEY are set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from triage.serve.launcher import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def test_api_over_https(tmp_path: Path, tls_files: dict[str, Path]) -> None:
+    env = {
+        "TRIAGE_HTTPS_CERT": str(tls_files["server.pem"]),
+        "TRIAGE_HTTPS_KEY": str(tls_files["server.key"]),
+        "TRIAGE_SERIES_QUIET_SECONDS": "3600",
+    }
+    with ServerProcess(tmp_path / "data", env) as srv:
+        assert srv.http_url.startswith("https://")
+        ok = httpx.get(f"{srv.http_url}/api/health", verify=str(tls_files["ca.pem"]))
+        assert ok.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
+            httpx.get(srv.http_url.replace("https://", "http://") + "/api/health", timeout=5)
