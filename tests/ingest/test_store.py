@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -290,3 +292,24 @@ def test_max_wait_processes_a_study_that_never_goes_quiet(db: Database, tmp_path
     assert queued_at == [300, 600]
     end = t0 + timedelta(seconds=603)
     assert len(complete_quiet_series(db, quiet_seconds=2, max_wait_seconds=300, now=end)) == 1
+
+
+def test_concurrent_first_instances_of_a_new_study(db: Database, tmp_path: Path) -> None:
+    """Eight associations deliver the first instances of one new study at the same moment:
+    every instance is stored and indexed once, under one study and one series."""
+    ing = ingestor(db, tmp_path)
+    payloads = [ct_bytes(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.77.{i}") for i in range(32)]
+    barrier = threading.Barrier(8)
+
+    def send(chunk: list[bytes]) -> list[StoreStatus]:
+        barrier.wait()
+        return [ing.ingest(data, source="t").status for data in chunk]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, [payloads[i::8] for i in range(8)]))
+    assert all(status == StoreStatus.success for chunk in results for status in chunk)
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(InstanceRow)) == 32
+        assert s.scalar(select(func.count()).select_from(StudyRow)) == 1
+        assert s.scalar(select(SeriesRow.n_instances)) == 32
+    assert len(stored_paths(tmp_path)) == 32

@@ -18,9 +18,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL, full fsync on commit and a busy timeout."""
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
-        )
+        # No pre-ping: a local file has no connection to lose, and the ping is a query per
+        # session (one per received instance).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

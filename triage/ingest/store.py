@@ -21,11 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -164,10 +165,8 @@ def _parse(data: bytes) -> tuple[Dataset, str | None] | str:
     has_meta = data[128:132] == b"DICM"
     try:
         with _NOTES.collect() as notes:
+            # Element values stay raw until used; the checks below read the ones they need.
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_meta)
-            # Touch every element so that a malformed value fails here, not in the worker.
-            for _ in ds.iterall():
-                pass
     except (
         InvalidDicomError,
         EOFError,
@@ -652,26 +651,38 @@ class Ingestor:
             return outcome(StoreStatus.out_of_resources, f"storage failed: {exc.strerror}")
 
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-        try:
-            with self.db.session() as s:
-                _index(
-                    s, ds, now=now, path=dest, size=len(data), digest=digest, ts=ts, source=source
-                )
-        except IntegrityError:
-            # Another process indexed the same SOPInstanceUID at the same moment.
-            existing = self._existing(sop_uid)
-            if existing is None or Path(existing[1]) != dest:
-                dest.unlink(missing_ok=True)
-            if existing is not None and existing[0] == digest:
-                return outcome(StoreStatus.success, "duplicate of a stored instance", True)
-            if existing is not None:
+        for attempt in range(3):
+            try:
+                with self.db.session() as s:
+                    _index(
+                        s,
+                        ds,
+                        now=now,
+                        path=dest,
+                        size=len(data),
+                        digest=digest,
+                        ts=ts,
+                        source=source,
+                    )
+                break
+            except IntegrityError:
+                existing = self._existing(sop_uid)
+                if existing is None:
+                    if attempt < 2:
+                        continue  # a first instance of the same new study or series won
+                    dest.unlink(missing_ok=True)
+                    raise
+                # Another process indexed the same SOPInstanceUID at the same moment.
+                if Path(existing[1]) != dest:
+                    dest.unlink(missing_ok=True)
+                if existing[0] == digest:
+                    return outcome(StoreStatus.success, "duplicate of a stored instance", True)
                 return self._conflict(
                     data, ds, existing[1], source=source, now=now, warning=warning
                 )
-            raise
-        except SQLAlchemyError:
-            dest.unlink(missing_ok=True)  # not indexed: nothing refers to it
-            raise
+            except SQLAlchemyError:
+                dest.unlink(missing_ok=True)  # not indexed: nothing refers to it
+                raise
         if warning is not None:
             return outcome(warning[0], f"stored with a warning: {warning[1]}")
         return outcome(StoreStatus.success, "stored")
@@ -843,48 +854,63 @@ def _index(
     ts: str,
     source: str,
 ) -> None:
+    """Index one stored instance: get or create its study and series, count it, add it.
+
+    Plain SQL statements rather than ORM objects: this runs once per received instance.
+    Two first instances of one new study arriving at once make one of the inserts fail
+    with IntegrityError; the caller retries (see ``Ingestor._store_locked``).
+    """
     study_uid = str(ds.StudyInstanceUID)
     series_uid = str(ds.SeriesInstanceUID)
-    study = s.scalar(select(StudyRow).where(StudyRow.StudyInstanceUID == study_uid))
-    if study is None:
-        study = StudyRow(
-            StudyInstanceUID=study_uid,
-            PatientID=_text(ds, "PatientID", 64),
-            PatientName=_text(ds, "PatientName", 324),
-            AccessionNumber=_text(ds, "AccessionNumber", 64),
-            StudyDescription=_text(ds, "StudyDescription", 256),
-            StudyDate=_text(ds, "StudyDate", 16),
-            order_priority=order_priority_of(ds),
-            first_received_at=now,
-            last_received_at=now,
-            ai_status="pending",
+    priority = order_priority_of(ds)
+    study_id = s.scalar(select(StudyRow.id).where(StudyRow.StudyInstanceUID == study_uid))
+    if study_id is None:
+        study_id = s.scalar(
+            insert(StudyRow)
+            .returning(StudyRow.id)
+            .values(
+                StudyInstanceUID=study_uid,
+                PatientID=_text(ds, "PatientID", 64),
+                PatientName=_text(ds, "PatientName", 324),
+                AccessionNumber=_text(ds, "AccessionNumber", 64),
+                StudyDescription=_text(ds, "StudyDescription", 256),
+                StudyDate=_text(ds, "StudyDate", 16),
+                order_priority=priority,
+                first_received_at=now,
+                last_received_at=now,
+                ai_status="pending",
+            )
         )
-        s.add(study)
-        s.flush()
     else:
-        study.last_received_at = now
-        study.order_priority = study.order_priority or order_priority_of(ds)
-        study.ai_status = "pending"
-    series = s.scalar(select(SeriesRow).where(SeriesRow.SeriesInstanceUID == series_uid))
-    if series is None:
-        series = SeriesRow(
-            study_id=study.id,
-            SeriesInstanceUID=series_uid,
-            Modality=_text(ds, "Modality", 16),
-            SeriesDescription=_text(ds, "SeriesDescription", 256),
-            BodyPartExamined=_text(ds, "BodyPartExamined", 64),
-            n_instances=0,
-            last_received_at=now,
-            state="receiving",
+        values: dict[str, Any] = {"last_received_at": now, "ai_status": "pending"}
+        if priority:
+            values["order_priority"] = func.coalesce(StudyRow.order_priority, priority)
+        s.execute(update(StudyRow).where(StudyRow.id == study_id).values(**values))
+    series_id = s.scalar(select(SeriesRow.id).where(SeriesRow.SeriesInstanceUID == series_uid))
+    if series_id is None:
+        series_id = s.scalar(
+            insert(SeriesRow)
+            .returning(SeriesRow.id)
+            .values(
+                study_id=study_id,
+                SeriesInstanceUID=series_uid,
+                Modality=_text(ds, "Modality", 16),
+                SeriesDescription=_text(ds, "SeriesDescription", 256),
+                BodyPartExamined=_text(ds, "BodyPartExamined", 64),
+                n_instances=1,
+                last_received_at=now,
+                state="receiving",
+            )
         )
-        s.add(series)
-        s.flush()
-    series.n_instances += 1
-    series.last_received_at = now
-    series.state = "receiving"
-    s.add(
-        InstanceRow(
-            series_id=series.id,
+    else:
+        s.execute(
+            update(SeriesRow)
+            .where(SeriesRow.id == series_id)
+            .values(n_instances=SeriesRow.n_instances + 1, last_received_at=now, state="receiving")
+        )
+    s.execute(
+        insert(InstanceRow).values(
+            series_id=series_id,
             SOPInstanceUID=str(ds.SOPInstanceUID),
             SOPClassUID=str(ds.SOPClassUID),
             TransferSyntaxUID=ts[:64],
