@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from triage.demo.run import storescu_commands
+from triage.demo.run import dcmtk_env, storescu_commands
 from triage.serve.launcher import ServerProcess
 
 
@@ -24,7 +24,7 @@ def send(
         called_ae=server.ae_title,
         calling_ae=calling_ae,
     ):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=dcmtk_env())
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,8 @@ from triage.ingest.store import (
     StoreStatus,
     ingest_instance,
     quarantine_listing,
+    remove_stale_parts,
+    write_durably,
 )
 
 
@@ -313,3 +316,23 @@ def test_concurrent_first_instances_of_a_new_study(db: Database, tmp_path: Path)
         assert s.scalar(select(func.count()).select_from(StudyRow)) == 1
         assert s.scalar(select(SeriesRow.n_instances)) == 32
     assert len(stored_paths(tmp_path)) == 32
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    stale, fresh = incoming / "a.part", incoming / "b.part"
+    stale.write_bytes(b"half a file")
+    fresh.write_bytes(b"being written")
+    old = datetime.now(UTC).timestamp() - 3600
+    os.utime(stale, (old, old))
+    assert remove_stale_parts(incoming) == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_new_folders_are_created_for_a_new_study(tmp_path: Path) -> None:
+    dest = tmp_path / "dicom" / "a" / "b" / "c.dcm"
+    (tmp_path / "incoming").mkdir()
+    write_durably(b"x", dest, tmp_path / "incoming")
+    assert dest.read_bytes() == b"x"
+    assert list((tmp_path / "incoming").iterdir()) == []

@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -373,20 +374,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs_durably(directory: Path) -> None:
+    """Create ``directory`` and missing parents; fsync the parent of each one created, so
+    that a new study or series folder survives power loss like the file put in it."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # another thread made it (and fsyncs its parent)
+        _fsync_dir(d.parent)
+
+
 def write_durably(data: bytes, dest: Path, tmp_dir: Path) -> None:
     """Write to a temporary file, fsync it, rename it into place and fsync the directory."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    _make_dirs_durably(dest.parent)
+    tmp_name = tmp_dir / f"{uuid.uuid4().hex}.part"
     try:
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, dest)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp_name.unlink(missing_ok=True)
         raise
     _fsync_dir(dest.parent)
+
+
+def remove_stale_parts(tmp_dir: Path, *, older_than_seconds: float = 60.0) -> int:
+    """Delete temporary files left by a crash in the middle of a write (run at start).
+
+    Only files older than ``older_than_seconds`` go, so a ``triage import`` writing into the
+    same data directory at that moment keeps its own.
+    """
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for part in tmp_dir.glob("*.part"):
+        try:
+            if part.stat().st_mtime < cutoff:
+                part.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:

@@ -12,7 +12,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from triage.config import Settings
 from triage.db import Database
 from triage.ingest.scp import ScpOptions, start_scp
-from triage.ingest.store import Ingestor
+from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
 from triage.pipeline import Analyzer
 from triage.serve.app import create_app
@@ -38,6 +38,9 @@ class TriageService:
             max_wait_seconds=settings.study_max_wait_seconds,
         )
         self.ingestor = Ingestor.from_settings(settings, self.db)
+        stale = remove_stale_parts(settings.incoming_dir)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted write", stale)
         self.app = create_app(
             self.db, ingestor=self.ingestor, max_upload_bytes=settings.max_upload_bytes
         )
