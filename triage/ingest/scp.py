@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -26,6 +26,10 @@ from triage.config import Settings
 from triage.ingest.store import Ingestor, StoreStatus
 
 log = logging.getLogger(__name__)
+
+# Identifier data sets (query keys: patient names, IDs) must never reach the log.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 # Every transfer syntax pydicom knows (uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
 # RLE, ...): files are stored exactly as received, without transcoding.
