@@ -131,7 +131,7 @@ def test_rejected_instance_gets_a_failure_status_and_is_quarantined(
     assert item["source"] == "dicom:STORESCU"
 
 
-def test_calling_ae_allow_list(tmp_path: Path) -> None:
+def test_calling_ae_allow_list(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with running_scp(tmp_path, allowed_calling_aets=["PACS1"]) as (port, _):
         echo = [tool("echoscu"), "-aec", "TRIAGE"]
         ok = subprocess.run([*echo, "-aet", "PACS1", "127.0.0.1", str(port)], capture_output=True)
@@ -141,6 +141,7 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
         )
         assert bad.returncode != 0
         assert b"Rejected" in bad.stdout + bad.stderr
+    assert "calling AE 'INTRUDER'" in caplog.text
 
 
 def test_peer_address_allow_list(tmp_path: Path) -> None:

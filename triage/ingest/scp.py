@@ -47,6 +47,17 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
+def handle_rejected(event: evt.Event) -> None:
+    """Log a rejected association (AE titles and the address, no patient data)."""
+    requestor = event.assoc.requestor
+    log.warning(
+        "rejected a DICOM association from %s (calling AE %r, called AE %r)",
+        requestor.address,
+        str(requestor.ae_title).strip(),
+        str(event.assoc.acceptor.ae_title).strip() if event.assoc.acceptor else "",
+    )
+
+
 def handle_store(event: evt.Event, ingestor: Ingestor) -> int:
     """C-STORE: store the instance as received, index it, answer with a DICOM status."""
     calling = str(event.assoc.requestor.ae_title).strip()
@@ -165,6 +176,7 @@ def start_scp(options: ScpOptions, ingestor: Ingestor) -> ThreadedAssociationSer
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ingestor]),
+        (evt.EVT_REJECTED, handle_rejected),
     ]
     server_class = type(
         "PeerFilteringServer", (_PeerFilteringServer,), {"allowed_networks": networks}
