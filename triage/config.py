@@ -62,7 +62,9 @@ class Settings(BaseSettings):
         " this (checked from the header, before pixel data is read).",
     )
     max_upload_bytes: int = Field(
-        default=2 * 1024**3, gt=0, description="Largest STOW-RS request body accepted."
+        default=1024**3,
+        gt=0,
+        description="Largest STOW-RS request body accepted (it is held in memory).",
     )
     min_free_bytes: int = Field(
         default=256 * 1024**2,

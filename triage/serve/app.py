@@ -28,7 +28,7 @@ DB = Annotated[Database, Depends(get_db)]
 
 
 def create_app(
-    db: Database, *, ingestor: Ingestor | None = None, max_upload_bytes: int = 2 * 1024**3
+    db: Database, *, ingestor: Ingestor | None = None, max_upload_bytes: int = 1024**3
 ) -> FastAPI:
     """Build the app around an open (migrated) database.
 
