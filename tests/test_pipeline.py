@@ -1,57 +1,48 @@
-"""Routing of studies to the haemorrhage model."""
+"""The analysis path's routing on real files: what runs, and what a study is told."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+import pydicom
 
-from triage.pipeline import SeriesFiles, route
-
-
-def series(uid: str, n: int = 30, **header: str) -> SeriesFiles:
-    return SeriesFiles(uid, [Path(f"{uid}-{i}.dcm") for i in range(n)], dict(header))
-
-
-@pytest.mark.parametrize(
-    "header",
-    [
-        {"Modality": "CT", "BodyPartExamined": "HEAD"},
-        {"Modality": "CT", "StudyDescription": "CT HEAD W/O"},
-        {"Modality": "CT", "StudyDescription": "CT KOPF nativ"},
-        {"Modality": "CT", "SeriesDescription": "Brain 5mm"},
-        {"Modality": "CT", "ProtocolName": "CRANE SANS INJECTION"},
-        # Nothing said: the field of view (227 mm, as in the real CQ500 series) fits a head.
-        {"Modality": "CT", "SeriesDescription": "4cc sec 150cc D3D on", "field_of_view_mm": "227"},
-    ],
-)
-def test_head_ct_goes_to_the_haemorrhage_model(header: dict[str, str]) -> None:
-    chosen, routing = route([series("1.1", **header)])
-    assert chosen is not None and routing["model"] == "blast-ct-v1"
-    assert "head CT" in routing["reason"]
+from tests.conftest import pydicom_file
+from triage.demo.phantom import PhantomSpec, write_head_ct_series
+from triage.domain import AIStatus
+from triage.pipeline import Analyzer, SeriesFiles, route_series
 
 
-@pytest.mark.parametrize(
-    "header",
-    [
-        {"Modality": "CR", "BodyPartExamined": "CHEST"},
-        {"Modality": "CT", "BodyPartExamined": "CHEST", "field_of_view_mm": "240"},
-        {"Modality": "CT", "field_of_view_mm": "400"},
-        {"Modality": "CT"},
-    ],
-)
-def test_other_studies_have_no_applicable_model(header: dict[str, str]) -> None:
-    chosen, routing = route([series("1.1", **header)])
-    assert chosen is None and routing["model"] is None
-    assert routing["reason"]
+def analyzer(tmp_path: Path) -> Analyzer:
+    # No weights: the paths below never load the model.
+    return Analyzer(model_cache_dir=tmp_path / "models", model_mirror=str(tmp_path / "none"))
 
 
-def test_largest_head_series_is_chosen() -> None:
-    study = [
-        series("1.1", 2, Modality="CT", BodyPartExamined="HEAD"),
-        series("1.2", 40, Modality="CT", BodyPartExamined="HEAD"),
-        series("1.3", 1, Modality="CR", BodyPartExamined="CHEST"),
-    ]
-    chosen, routing = route(study)
-    assert chosen is not None and chosen.SeriesInstanceUID == "1.2"
-    assert routing["modalities"] == ["CR", "CT"]
+def test_radiograph_has_no_applicable_model_with_the_reason(tmp_path: Path) -> None:
+    path = pydicom_file("RG1_UNCR.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    result = analyzer(tmp_path).analyze(
+        str(ds.StudyInstanceUID), [SeriesFiles(str(ds.SeriesInstanceUID), [path])]
+    )
+    assert result.ai_status == AIStatus.no_applicable_model
+    assert result.routing["model"] is None
+    assert "reads CT HEAD" in result.routing["reason"]
+    assert result.routing["modalities"] == ["CR"]
+
+
+def test_partial_head_ct_is_an_incomplete_series(tmp_path: Path) -> None:
+    paths = sorted(write_head_ct_series(tmp_path / "ct", PhantomSpec(seed=3)))[:4]
+    uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    result = analyzer(tmp_path).analyze("1.2.3", [SeriesFiles(uid, paths)])
+    assert result.ai_status == AIStatus.incomplete_series
+    assert result.error and "needs at least 90 mm" in result.error
+
+
+def test_route_series_picks_the_head_series_and_keeps_its_files(tmp_path: Path) -> None:
+    head = write_head_ct_series(tmp_path / "ct", PhantomSpec(seed=4))
+    uid = str(pydicom.dcmread(head[0], stop_before_pixels=True).SeriesInstanceUID)
+    xray = pydicom_file("RG1_UNCR.dcm")
+    series = [SeriesFiles("x", [xray]), SeriesFiles(uid, list(head))]
+    decision, files = route_series(series)
+    (run,) = decision.runs
+    assert run.series is not None and files[run.series.SeriesInstanceUID].paths == list(head)
+    assert decision.to_json()["modalities"] == ["CR", "CT"]

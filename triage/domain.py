@@ -17,6 +17,7 @@ class AIStatus(enum.StrEnum):
     pending = "pending"
     ok = "ok"
     no_applicable_model = "no_applicable_model"
+    incomplete_series = "incomplete_series"
     failed = "failed"
 
 

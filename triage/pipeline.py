@@ -1,8 +1,8 @@
 """Analysis of one study: route its series to the models that apply, preprocess, infer.
 
 One code path serves the background worker (``triage serve``) and ``triage predict``.
-The router here is the issue-2 version: a head CT goes to the haemorrhage model; issue 4
-replaces it with declarative series rules carried by each model's spec.
+Routing (which model reads which series) is ``triage.preprocess.routing``, driven by the
+acceptance and series rule in each installed model's spec.
 """
 
 from __future__ import annotations
@@ -22,30 +22,15 @@ from pydicom.errors import InvalidDicomError
 
 from triage.config import Settings
 from triage.domain import AIStatus, Finding
+from triage.models.spec import INSTALLED_MODELS
 from triage.models.store import ModelWeightsError
-from triage.preprocess.ct import PreprocessError, prepare_head_ct
+from triage.preprocess.ct import IncompleteSeriesError, PreprocessError, prepare_head_ct
+from triage.preprocess.routing import RoutingDecision, route_study
+from triage.preprocess.series import SeriesInfo, read_series_info
 from triage.results import Overlay
 
 log = logging.getLogger(__name__)
 
-# Words that mark a head/brain study, in the spellings senders use (free text included).
-HEAD_WORDS: tuple[str, ...] = (
-    "HEAD",
-    "BRAIN",
-    "SKULL",
-    "CRANI",
-    "CEREBR",
-    "KOPF",
-    "SCHADEL",
-    "SCHAEDEL",
-    "SCHÄDEL",
-    "HIRN",
-    "CRANE",
-    "CERVEAU",
-    "CABEZA",
-    "ENCEF",
-    "NEURO",
-)
 ROUTING_KEYWORDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
 
 
@@ -77,77 +62,11 @@ class StudyAnalysis:
         }
 
 
-# Body parts that are not the head: a series naming one of these is never sent to a head model.
-OTHER_BODY_WORDS: tuple[str, ...] = (
-    "CHEST",
-    "THORAX",
-    "LUNG",
-    "ABD",
-    "PELVI",
-    "SPINE",
-    "NECK",
-    "CARDIAC",
-    "HEART",
-    "KNEE",
-    "HAND",
-    "FOOT",
-    "ANGIO",
-    "BODY",
-    "THORAX",
-    "BAUCH",
-)
-# A reconstruction field of view this small only fits a head (a body CT uses 350-500 mm).
-HEAD_MAX_FOV_MM = 260.0
-
-
 def read_header(path: Path) -> dict[str, str]:
-    """The routing-relevant attributes of one file (pixels not read)."""
+    """The attributes that group a file into its study and series (pixels not read)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     keys = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", *ROUTING_KEYWORDS)
-    header = {k: str(ds.get(k, "") or "") for k in keys}
-    fov = ds.get("ReconstructionDiameter")
-    if not fov and ds.get("PixelSpacing") and ds.get("Columns"):
-        fov = float(ds.PixelSpacing[1]) * int(ds.Columns)
-    header["field_of_view_mm"] = f"{float(fov):.0f}" if fov else ""
-    return header
-
-
-def head_reason(header: dict[str, str]) -> str | None:
-    """Why this series is a head, or None when it is not (or cannot be told)."""
-    text = " ".join(header.get(k, "") for k in ROUTING_KEYWORDS).upper()
-    if any(word in text for word in HEAD_WORDS):
-        return "its body part or description names the head"
-    if any(word in text for word in OTHER_BODY_WORDS):
-        return None
-    fov = header.get("field_of_view_mm")
-    if fov and float(fov) <= HEAD_MAX_FOV_MM:
-        return f"no body part given; its {fov} mm field of view fits only a head"
-    return None
-
-
-def route(series: Sequence[SeriesFiles]) -> tuple[SeriesFiles | None, dict[str, Any]]:
-    """Pick the series the haemorrhage model runs on, with the reason."""
-    reasons = {
-        se.SeriesInstanceUID: head_reason(se.header)
-        for se in series
-        if se.header.get("Modality") == "CT"
-    }
-    candidates = [se for se in series if reasons.get(se.SeriesInstanceUID)]
-    modalities = sorted({se.header.get("Modality", "") for se in series} - {""})
-    if not candidates:
-        if "CT" in modalities:
-            reason = "CT study that is not recognisably of the head (body part, description)"
-        else:
-            reason = f"no model for modality {'/'.join(modalities) or 'unknown'}"
-        return None, {"model": None, "reason": reason, "modalities": modalities}
-    chosen = max(candidates, key=lambda se: len(se.paths))
-    return chosen, {
-        "model": "blast-ct-v1",
-        "SeriesInstanceUID": chosen.SeriesInstanceUID,
-        "reason": f"head CT ({reasons[chosen.SeriesInstanceUID]}); the series with the most "
-        f"images of {len(candidates)} head CT series",
-        "modalities": modalities,
-    }
+    return {k: str(ds.get(k, "") or "") for k in keys}
 
 
 class Analyzer:
@@ -199,13 +118,28 @@ class Analyzer:
         """Analyse one study. Never raises: failures become ``ai_status=failed``."""
         routing: dict[str, Any] = {}
         try:
-            for se in series:
-                if not se.header and se.paths:
-                    se.header = read_header(se.paths[0])
-            chosen, routing = route(series)
-            if chosen is None:
+            decision, files = route_series(series)
+            routing = decision.to_json()
+            for r in decision.routes:
+                log.info("routing %s: %s", r.model, r.reason)
+            if not decision.runs and decision.incomplete:
+                # A model would read this study, but its series is too short (a partial
+                # transfer, a few slices): say so rather than "no applicable model".
+                why = decision.incomplete[0].reason
+                return StudyAnalysis(
+                    study_uid, AIStatus.incomplete_series, error=why, routing=routing
+                )
+            if not decision.runs:
                 return StudyAnalysis(study_uid, AIStatus.no_applicable_model, routing=routing)
+            run = decision.runs[0]  # one model today: the haemorrhage model
+            assert run.series is not None
+            chosen = files[run.series.SeriesInstanceUID]
             return self._run_haemorrhage(study_uid, chosen, routing)
+        except IncompleteSeriesError as exc:
+            log.warning("incomplete series: %s", type(exc).__name__)
+            return StudyAnalysis(
+                study_uid, AIStatus.incomplete_series, error=str(exc)[:500], routing=routing
+            )
         except (PreprocessError, ModelWeightsError, InvalidDicomError, ValueError, OSError) as exc:
             log.warning("analysis failed: %s", type(exc).__name__)
             return StudyAnalysis(study_uid, AIStatus.failed, error=str(exc)[:500], routing=routing)
@@ -223,7 +157,7 @@ class Analyzer:
         t0 = time.perf_counter()
         head = prepare_head_ct(chosen.paths)
         t1 = time.perf_counter()
-        result = model.predict(head.hu, head.head_mask)
+        result = model.predict(head.hu, head.head_mask, head.spacing_mm)
         t2 = time.perf_counter()
         finding = to_finding(result, threshold_ml=self._threshold_ml)
         finding.details.update(
@@ -247,6 +181,27 @@ class Analyzer:
             routing=routing,
             overlays={finding.finding: overlay},
         )
+
+
+def route_series(
+    series: Sequence[SeriesFiles],
+) -> tuple[RoutingDecision, dict[str, SeriesFiles]]:
+    """Summarise each series from its headers and let the router pick each model's series.
+
+    Returns:
+        The decision and the files of each series by SeriesInstanceUID.
+    """
+    infos: list[SeriesInfo] = []
+    files: dict[str, SeriesFiles] = {}
+    for se in series:
+        try:
+            info = read_series_info(se.paths)
+        except ValueError:
+            continue  # no readable file: nothing a model could read
+        infos.append(info)
+        files[info.SeriesInstanceUID] = se
+    models = [(spec.name, spec.accepts) for spec in INSTALLED_MODELS]
+    return route_study(infos, models), files
 
 
 def group_files(paths: Iterable[Path]) -> dict[str, list[SeriesFiles]]:

@@ -39,7 +39,7 @@ def study_uid(path: Path) -> str:
 def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path: Path) -> None:
     normal = write_head_ct_series(tmp_path / "normal", PhantomSpec(haemorrhage=False, seed=11))
     xray = write_demo_radiograph(tmp_path / "xray")
-    # A head CT whose analysis must fail: three slices only (preprocessing needs a volume).
+    # A head CT the model cannot read: three slices only (a partial transfer).
     broken_all = write_head_ct_series(
         tmp_path / "broken",
         PhantomSpec(haemorrhage=False, seed=12),
@@ -66,15 +66,15 @@ def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path:
     assert bleed_finding["model"]["name"] and bleed_finding["model"]["version"]
     assert 0.0 <= bleed_finding["score"] <= 1.0
 
-    # The rest keep arrival order: normal, X-ray, failed.
+    # The rest keep arrival order: normal, X-ray, incomplete.
     assert [i["StudyInstanceUID"] for i in items[1:]] == [n_uid, x_uid, f_uid]
     assert by_uid[n_uid]["ai_status"] == "ok"
     assert by_uid[n_uid]["findings"][0]["flag"] is False
     assert by_uid[n_uid]["reasons"] == ["arrival"]
     assert by_uid[x_uid]["ai_status"] == "no_applicable_model"
     assert by_uid[x_uid]["findings"] == []
-    assert by_uid[f_uid]["ai_status"] == "failed"
-    assert by_uid[f_uid]["ai_error"]
+    assert by_uid[f_uid]["ai_status"] == "incomplete_series"
+    assert by_uid[f_uid]["ai_error"].startswith("incomplete series: covers 7.5 mm")
 
     detail = httpx.get(f"{server.http_url}/api/studies/{b_uid}", timeout=10).json()
     assert detail["series"][0]["NumberOfInstances"] == len(bleed)

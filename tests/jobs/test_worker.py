@@ -28,7 +28,9 @@ def worker(tmp_path: Path) -> Worker:
     return Worker(db=db, analyzer=analyzer, results_dir=tmp_path / "results", quiet_seconds=1)
 
 
-def receive(worker: Worker, tmp_path: Path, name: str, **changes: str) -> None:
+def receive(
+    worker: Worker, tmp_path: Path, name: str, complete: bool = True, **changes: object
+) -> None:
     (tmp_path / "incoming").mkdir(exist_ok=True)
     ds = pydicom.dcmread(pydicom_file(name))
     for keyword, value in changes.items():
@@ -47,7 +49,8 @@ def receive(worker: Worker, tmp_path: Path, name: str, **changes: str) -> None:
         now=t0,
     )
     assert outcome.ok, outcome.reason
-    assert complete_quiet_series(worker.db, quiet_seconds=1)
+    if complete:
+        assert complete_quiet_series(worker.db, quiet_seconds=1)
 
 
 def test_radiograph_gets_no_applicable_model(worker: Worker, tmp_path: Path) -> None:
@@ -61,16 +64,42 @@ def test_radiograph_gets_no_applicable_model(worker: Worker, tmp_path: Path) -> 
         assert s.scalars(select(JobRow.state)).one() == "done"
 
 
-def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Path) -> None:
-    # One head CT slice: routed to the haemorrhage model, but there is no volume to read.
-    receive(worker, tmp_path, "CT_small.dcm", BodyPartExamined="HEAD")
+def test_a_single_head_ct_slice_is_an_incomplete_series(worker: Worker, tmp_path: Path) -> None:
+    # One head CT slice: the haemorrhage model would read the study, but not one slice.
+    receive(worker, tmp_path, "CT_small.dcm", BodyPartExamined="HEAD", ContrastBolusAgent="")
     assert worker.run_one()
     with worker.db.session() as s:
         study = s.scalars(select(StudyRow)).one()
         job = s.scalars(select(JobRow)).one()
-        assert study.ai_status == "failed"
+        assert study.ai_status == "incomplete_series"
+        assert job.state == "done"
+        assert study.ai_error and study.ai_error.startswith("incomplete series")
+        assert study.routing and study.routing["models"][0]["incomplete"] is True
+
+
+def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Path) -> None:
+    # A head CT series the router accepts whose pixels cannot be read: failed, with reason.
+    for i in range(12):
+        receive(
+            worker,
+            tmp_path,
+            "CT_small.dcm",
+            BodyPartExamined="HEAD",
+            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.99.{i}",
+            ImagePositionPatient=[0.0, 0.0, 10.0 * i],
+            SliceThickness=5.0,
+            ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+            ContrastBolusAgent="",
+            BitsStored=17,  # more bits than allocated: undecodable
+            complete=i == 11,
+        )
+    assert worker.run_one()
+    with worker.db.session() as s:
+        study = s.scalars(select(StudyRow)).one()
+        job = s.scalars(select(JobRow)).one()
+        assert study.ai_status == "failed", study.ai_error
         assert job.state == "failed"
-        assert study.ai_error and "slice" in study.ai_error
+        assert study.ai_error
         assert study.routing and study.routing["model"] == "blast-ct-v1"
 
 

@@ -7,8 +7,12 @@ model store resolves each :class:`WeightArtifact` by URL + sha256.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from triage.preprocess.routing import ModelAcceptance
+from triage.preprocess.series import SeriesRule
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,8 @@ class ModelSpec:
     Attributes:
         name: store/registry name, also the store folder (e.g. ``blast-ct-v1``).
         version: version of this model (weights + pre/post-processing).
-        modality: DICOM Modality it accepts (e.g. ``CT``).
-        body_part: body part it accepts (DICOM BodyPartExamined spelling, e.g. ``HEAD``).
+        accepts: what it reads (modalities, body regions, views) and the series rule that
+            picks its series from a study (see ``triage.preprocess.routing``).
         input_spacing_mm: voxel spacing (z, y, x) in mm the input must have.
         intensity_range_hu: HU window (low, high) clipped and mapped onto [-1, 1].
         output_classes: output channel names, in output-index order.
@@ -52,8 +56,7 @@ class ModelSpec:
 
     name: str
     version: str
-    modality: str
-    body_part: str
+    accepts: ModelAcceptance
     input_spacing_mm: tuple[float, float, float]
     artifacts: tuple[WeightArtifact, ...]
     licence: str
@@ -81,7 +84,10 @@ class ModelSpec:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for registries and result provenance)."""
-        return asdict(self)
+        doc = asdict(self)
+        doc["accepts"] = self.accepts.to_json()
+        result: dict[str, Any] = json.loads(json.dumps(doc))  # tuples become lists
+        return result
 
 
 _BLAST_CT_COMMIT = "549168693c76638dfe6690164ec1aba1c0fdf625"
@@ -109,8 +115,78 @@ _BLAST_CT_SHA256 = (
 BLAST_CT_V1 = ModelSpec(
     name="blast-ct-v1",
     version="1.0.0",
-    modality="CT",
-    body_part="HEAD",
+    accepts=ModelAcceptance(
+        modalities=("CT",),
+        body_regions=("HEAD",),
+        series_rule=SeriesRule(
+            modalities=("CT",),
+            require_image_type=("ORIGINAL", "PRIMARY"),
+            exclude_image_type=("LOCALIZER",),
+            orientations=("axial",),
+            slice_thickness_mm=(0.4, 6.0),
+            min_coverage_mm=90.0,
+            min_images=8,
+            exclude_contrast=True,
+            exclude_words=(
+                "CTA",
+                "ANGIO*",
+                "PERFUSION",
+                "PERF",
+                "MIP",
+                "MINIP",
+                "SCOUT",
+                "TOPOGRAM",
+                "LOCALIZER",
+                "SURVIEW",
+                "DOSE",
+            ),
+            # Soft-tissue / brain reconstructions across vendors (GE, Siemens, Philips,
+            # Canon): the model was trained on them.
+            prefer_kernels=(
+                "SOFT",
+                "STANDARD",
+                "STND",
+                "STD",
+                "BRAIN",
+                "CEREBRUM",
+                "H2*",
+                "H3*",
+                "H4*",
+                "HR3*",
+                "HR4*",
+                "J3*",
+                "J4*",
+                "Q3*",
+                "UA",
+                "UB",
+                "UC",
+                "FC2*",
+                "FC6*",
+            ),
+            # Sharp reconstructions for bone or lung: noise the model never saw.
+            avoid_kernels=(
+                "BONE",
+                "BONEPLUS",
+                "LUNG",
+                "SHARP",
+                "DETAIL",
+                "EDGE",
+                "H6*",
+                "H7*",
+                "H8*",
+                "HR6*",
+                "HR7*",
+                "J6*",
+                "J7*",
+                "YC",
+                "YD",
+                "YB",
+                "FC3*",
+                "FC8*",
+            ),
+            prefer_thickness_mm=1.0,
+        ),
+    ),
     input_spacing_mm=(1.0, 1.0, 1.0),
     artifacts=tuple(
         WeightArtifact(filename=f"model_{n}.pt", url=_BLAST_CT_URL.format(n=n), sha256=sha256)
@@ -129,3 +205,7 @@ BLAST_CT_V1 = ModelSpec(
     # CQ500-CT-0 series and a 20 ml synthetic bleed); see docs/models/blast-ct-v1.md.
     member_order=(7, 2, 10, 5, 4, 8, 9, 11, 1, 6, 3, 12),
 )
+
+
+#: The models this installation runs, in the order the router considers them.
+INSTALLED_MODELS: tuple[ModelSpec, ...] = (BLAST_CT_V1,)

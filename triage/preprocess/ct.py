@@ -51,6 +51,7 @@ __all__ = [
     "ClipAndScaleHUd",
     "CTSeriesVolume",
     "HeadCT",
+    "IncompleteSeriesError",
     "PreprocessError",
     "WindowPreset",
     "crop_to_head",
@@ -92,6 +93,13 @@ class PreprocessError(ValueError):
     """A series cannot be turned into a model input.
 
     The message says what is wrong (attribute, count, geometry) and never holds patient data.
+    """
+
+
+class IncompleteSeriesError(PreprocessError):
+    """The series covers too little to be read: too few slices, or gaps too large.
+
+    The study gets the ``incomplete_series`` status (more images may still arrive).
     """
 
 
