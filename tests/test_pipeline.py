@@ -46,3 +46,39 @@ def test_route_series_picks_the_head_series_and_keeps_its_files(tmp_path: Path) 
     (run,) = decision.runs
     assert run.series is not None and files[run.series.SeriesInstanceUID].paths == list(head)
     assert decision.to_json()["modalities"] == ["CR", "CT"]
+
+
+def _variant(paths: list[Path], out: Path, **attrs: object) -> list[Path]:
+    """A copy of a series as another series of the same study, with changed attributes."""
+    out.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    written = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        for keyword, value in attrs.items():
+            setattr(ds, keyword, value)
+        ds.save_as(out / path.name, enforce_file_format=True)
+        written.append(out / path.name)
+    return written
+
+
+def test_localizer_bone_and_soft_tissue_files_soft_tissue_is_chosen(tmp_path: Path) -> None:
+    soft = sorted(write_head_ct_series(tmp_path / "soft", PhantomSpec(seed=5)))
+    bone = _variant(soft, tmp_path / "bone", ConvolutionKernel="BONE", SeriesDescription="Bone")
+    scout = _variant(
+        soft[:1],
+        tmp_path / "scout",
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        SeriesDescription="Scout",
+    )
+    series = []
+    for paths in (scout, bone, soft):
+        uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        series.append(SeriesFiles(uid, paths))
+    decision, files = route_series(series)
+    (run,) = decision.runs
+    assert run.series is not None and files[run.series.SeriesInstanceUID].paths == soft
+    verdicts = decision.to_json()["models"][0]["series"]
+    assert [v["eligible"] for v in verdicts] == [False, True, True]
