@@ -6,9 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from triage.db import Database
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = (REPO_ROOT.parent / "shared").resolve()
@@ -143,3 +148,45 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             f"{name}.pem",
         )
     return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+def database_backends() -> list[str]:
+    """SQLite always; PostgreSQL too when TRIAGE_TEST_POSTGRES_URL names a server."""
+    return ["sqlite"] + (["postgresql"] if os.environ.get("TRIAGE_TEST_POSTGRES_URL") else [])
+
+
+@pytest.fixture(params=database_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'triage.db'}"
+        return
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(os.environ["TRIAGE_TEST_POSTGRES_URL"])
+    name = f"triage_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture()
+def db(database_url: str) -> Iterator[Database]:
+    """A migrated database on each configured backend."""
+    from triage.db import Database
+
+    database = Database(database_url)
+    database.migrate()
+    try:
+        yield database
+    finally:
+        database.dispose()

@@ -97,3 +97,23 @@ class Finding:
             max_probability={k: float(v) for k, v in data.get("max_probability", {}).items()},
             details=dict(data.get("details", {})),
         )
+
+
+# Words in CurrentPatientLocation / department / requesting service naming an emergency
+# department or an inpatient stay, in the spellings senders use.
+_EMERGENCY_WORDS = ("ED", "ER", "EMERG", "A&E", "AE", "NOTAUFNAHME", "URGENCE", "URGENCIAS")
+_INPATIENT_WORDS = ("ICU", "ITU", "WARD", "INPATIENT", "STATION", "IPS", "HDU", "CCU")
+
+
+def location_class(text: str | None) -> str | None:
+    """``emergency``, ``inpatient`` or None (outpatient or not said) from free text."""
+    if not text:
+        return None
+    tokens = {
+        t for t in "".join(c if c.isalnum() or c == "&" else " " for c in text.upper()).split()
+    }
+    if any(t.startswith(w) if len(w) > 3 else t == w for t in tokens for w in _EMERGENCY_WORDS):
+        return "emergency"
+    if any(t.startswith(w) if len(w) > 3 else t == w for t in tokens for w in _INPATIENT_WORDS):
+        return "inpatient"
+    return None

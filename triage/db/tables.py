@@ -8,7 +8,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -33,6 +43,14 @@ class StudyRow(Base):
     ai_error: Mapped[str | None] = mapped_column(Text)
     ai_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     routing: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # "emergency", "inpatient" or None, from the patient's location (never the free text).
+    location_class: Mapped[str | None] = mapped_column(String(16))
+    # The reading work queue: unread -> claimed (with a lease) -> completed.
+    read_state: Mapped[str] = mapped_column(String(16), default="unread", index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_by: Mapped[str | None] = mapped_column(String(64))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[SeriesRow]] = relationship(back_populates="study", order_by="SeriesRow.id")
     findings: Mapped[list[FindingRow]] = relationship(
@@ -67,7 +85,7 @@ class InstanceRow(Base):
     SOPClassUID: Mapped[str] = mapped_column(String(64))
     TransferSyntaxUID: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     source: Mapped[str | None] = mapped_column(String(128))
@@ -121,5 +139,5 @@ class QuarantineRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     status_code: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(String(512))

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from triage.config import Settings
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow, SeriesRow, StudyRow
+from triage.domain import location_class
 
 log = logging.getLogger(__name__)
 
@@ -913,6 +914,16 @@ def _index(
                 StudyDescription=_text(ds, "StudyDescription", 256),
                 StudyDate=_text(ds, "StudyDate", 16),
                 order_priority=priority,
+                location_class=location_class(
+                    " ".join(
+                        str(ds.get(k, "") or "")
+                        for k in (
+                            "CurrentPatientLocation",
+                            "InstitutionalDepartmentName",
+                            "RequestingService",
+                        )
+                    )
+                ),
                 first_received_at=now,
                 last_received_at=now,
                 ai_status="pending",

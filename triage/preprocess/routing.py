@@ -32,6 +32,7 @@ __all__ = [
     "ModelRoute",
     "RoutingDecision",
     "body_regions",
+    "regions_from_text",
     "route_study",
 ]
 
@@ -192,6 +193,18 @@ def _word_regions(text: str) -> list[str]:
                 found.append(region)
                 break
     return found
+
+
+def regions_from_text(body_part: str, *texts: str) -> tuple[str, ...]:
+    """Body regions named by a BodyPartExamined value and free texts (no FOV fallback)."""
+    term = _normalise(body_part).replace(" ", "")
+    if term in _BODY_PART_TERMS:
+        return _BODY_PART_TERMS[term]
+    for text in (body_part, *texts):
+        regions = _word_regions(text)
+        if regions:
+            return tuple(regions)
+    return ()
 
 
 def body_regions(info: SeriesInfo) -> tuple[tuple[str, ...], str]:

@@ -1,38 +1,94 @@
 """Worklist priority: a pure function of (study context, AI findings, now) -> order + reasons.
 
-Policy ``v1`` (issue 2): studies with a critical AI finding first, then by the order's
-priority where the study carries one, then by arrival (oldest first). AI can only raise a
-study's place, never lower it: a failed or pending analysis leaves the study at its normal
-place ("fail open").
+Policy ``v2``:
+
+1. **Base class** from the order (RequestedProcedurePriority / StudyPriorityID: STAT ->
+   ``stat``, HIGH/URGENT/ASAP -> ``urgent``, otherwise ``routine``) and the patient's
+   location (an emergency department lifts a study to at least ``urgent``).
+2. **AI escalation**: each flagged finding whose score reaches its configured confidence
+   lifts the study to the finding's class (intracranial haemorrhage -> ``critical``).
+   Escalation only ever raises the class: AI never lowers a study.
+3. **Deadline** = arrival + the service-level time of the study's class.
+4. **Order** (first to last):
+   ``critical`` studies, earliest deadline first; then studies **past their deadline**,
+   earliest deadline first (no study waits without bound); then studies **due soon** (in the
+   last ``aging_fraction`` of their service-level time), earliest deadline first; then the
+   rest by class (stat, urgent, routine) and arrival. Ties: arrival, then StudyInstanceUID,
+   so the order is total and does not depend on input order.
+
+Every placement carries its reason codes, class and deadline. The configuration is a
+:class:`PolicyConfig` (defaults from common teleradiology service levels); its version and
+a hash of its content are reported with every worklist so a position can be audited.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
-from triage.domain import Finding, FindingCode, ReasonCode
+from pydantic import BaseModel, Field
 
-POLICY_VERSION = "v1"
+from triage.domain import Finding, FindingCode
 
-# Findings that make a study critical, with the reason code they carry.
-CRITICAL_FINDINGS: dict[str, ReasonCode] = {
-    FindingCode.intracranial_haemorrhage: ReasonCode.ai_intracranial_haemorrhage,
+POLICY_VERSION = "v2"
+
+CLASSES: tuple[str, ...] = ("critical", "stat", "urgent", "routine")
+"""Priority classes, most urgent first."""
+
+_ORDER_CLASS: dict[str, str] = {
+    "STAT": "stat",
+    "HIGH": "urgent",
+    "URGENT": "urgent",
+    "ASAP": "urgent",
+    "MEDIUM": "routine",
+    "MED": "routine",
+    "ROUTINE": "routine",
+    "LOW": "routine",
 }
 
-# Order priorities as senders spell them (RequestedProcedurePriority, StudyPriorityID).
-_ORDER_RANK: dict[str, tuple[int, ReasonCode | None]] = {
-    "STAT": (0, ReasonCode.priority_stat),
-    "HIGH": (1, ReasonCode.priority_urgent),
-    "URGENT": (1, ReasonCode.priority_urgent),
-    "ASAP": (1, ReasonCode.priority_urgent),
-    "MEDIUM": (2, None),
-    "MED": (2, None),
-    "ROUTINE": (2, None),
-    "LOW": (3, None),
-}
-_DEFAULT_ORDER_RANK = 2
+
+class FindingRule(BaseModel):
+    """How one AI finding escalates a study."""
+
+    escalate_to: str = "critical"
+    min_score: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class PolicyConfig(BaseModel):
+    """The configurable parts of the policy (JSON/TOML-friendly).
+
+    Attributes:
+        sla_minutes: service-level time per class, in minutes (the deadline is arrival plus
+            this). Defaults: critical 15 min, stat 30 min, urgent 60 min, routine 24 h
+            (common teleradiology contracts).
+        aging_fraction: a study enters "due soon" when less than this fraction of its
+            service-level time is left.
+        findings: finding code -> escalation rule.
+        location_classes: patient location class -> the class it lifts a study to.
+    """
+
+    sla_minutes: dict[str, float] = Field(
+        default_factory=lambda: {"critical": 15.0, "stat": 30.0, "urgent": 60.0, "routine": 1440.0}
+    )
+    aging_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    findings: dict[str, FindingRule] = Field(
+        default_factory=lambda: {
+            FindingCode.intracranial_haemorrhage.value: FindingRule(escalate_to="critical")
+        }
+    )
+    location_classes: dict[str, str] = Field(default_factory=lambda: {"emergency": "urgent"})
+
+    def digest(self) -> str:
+        """A short hash of the configuration, reported with each worklist."""
+        text = json.dumps(self.model_dump(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEFAULT_POLICY = PolicyConfig()
 
 
 @dataclass(frozen=True)
@@ -43,50 +99,115 @@ class StudyContext:
     arrived_at: datetime
     order_priority: str | None = None
     findings: Sequence[Finding] = field(default_factory=tuple)
+    location: str | None = None  # "emergency", "inpatient" or None
 
 
 @dataclass(frozen=True)
 class Placement:
+    """A study's place: rank (1 = read first), class, deadline and the reasons."""
+
     StudyInstanceUID: str
     rank: int
     reasons: list[str]
-    sort_key: tuple[int, int, float, str]
+    priority_class: str
+    deadline: datetime
+    tier: str
+    sort_key: tuple[Any, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "reasons": list(self.reasons),
+            "priority_class": self.priority_class,
+            "deadline": self.deadline.isoformat(),
+            "tier": self.tier,
+        }
 
 
-def _key_and_reasons(ctx: StudyContext) -> tuple[tuple[int, int, float, str], list[str]]:
+def _rank(cls: str) -> int:
+    return CLASSES.index(cls) if cls in CLASSES else len(CLASSES) - 1
+
+
+def classify(ctx: StudyContext, config: PolicyConfig = DEFAULT_POLICY) -> tuple[str, list[str]]:
+    """The study's class and the reason codes that set it (AI escalation included)."""
     reasons: list[str] = []
-    critical = 1
+    order = (ctx.order_priority or "").strip().upper()
+    cls = _ORDER_CLASS.get(order, "routine")
+    if cls != "routine":
+        reasons.append(f"order:{cls}")
+    lifted = config.location_classes.get(ctx.location or "")
+    if lifted is not None and _rank(lifted) < _rank(cls):
+        cls = lifted
+        reasons.append(f"location:{ctx.location}")
     for f in ctx.findings:
-        code = CRITICAL_FINDINGS.get(f.finding)
-        if f.flag and code is not None:
-            critical = 0
-            if code.value not in reasons:
-                reasons.append(code.value)
-    order_rank, order_reason = _ORDER_RANK.get(
-        (ctx.order_priority or "").strip().upper(), (_DEFAULT_ORDER_RANK, None)
-    )
-    if order_reason is not None:
-        reasons.append(order_reason.value)
-    reasons.append(ReasonCode.arrival.value)
-    key = (critical, order_rank, ctx.arrived_at.timestamp(), ctx.StudyInstanceUID)
-    return key, reasons
+        rule = config.findings.get(str(f.finding))
+        if rule is None or not f.flag or f.score < rule.min_score:
+            continue
+        reason = f"ai:{f.finding}"
+        if reason not in reasons:
+            reasons.append(reason)
+        if _rank(rule.escalate_to) < _rank(cls):
+            cls = rule.escalate_to
+    return cls, reasons
 
 
-def rank_studies(studies: Sequence[StudyContext], now: datetime) -> list[Placement]:
+def place(
+    ctx: StudyContext, now: datetime, config: PolicyConfig = DEFAULT_POLICY
+) -> tuple[tuple[Any, ...], str, datetime, str, list[str]]:
+    """(sort key, class, deadline, tier, reasons) of one study at ``now``."""
+    cls, reasons = classify(ctx, config)
+    sla = timedelta(minutes=float(config.sla_minutes.get(cls, config.sla_minutes["routine"])))
+    deadline = ctx.arrived_at + sla
+    arrived = ctx.arrived_at.timestamp()
+    if cls == "critical":
+        tier, tier_rank = "critical", 0
+    elif now > deadline:
+        tier, tier_rank = "overdue", 1
+        reasons.append("aging:overdue")
+    elif now >= deadline - sla * config.aging_fraction:
+        tier, tier_rank = "due_soon", 2
+        reasons.append("aging:due_soon")
+    else:
+        tier, tier_rank = "queued", 3
+    reasons.append("arrival")
+    if tier_rank < 3:
+        key: tuple[Any, ...] = (
+            tier_rank,
+            deadline.timestamp(),
+            _rank(cls),
+            arrived,
+            ctx.StudyInstanceUID,
+        )
+    else:
+        key = (tier_rank, _rank(cls), arrived, arrived, ctx.StudyInstanceUID)
+    return key, cls, deadline, tier, reasons
+
+
+def rank_studies(
+    studies: Sequence[StudyContext], now: datetime, config: PolicyConfig = DEFAULT_POLICY
+) -> list[Placement]:
     """Order studies for reading.
 
     Args:
-        studies: every study on the worklist.
-        now: the evaluation time (policy v1 does not age studies yet; kept for the API).
+        studies: every study waiting to be read.
+        now: the evaluation time (deadlines and aging are relative to it).
+        config: the policy's configuration.
 
     Returns:
-        Placements in reading order, ``rank`` starting at 1. The order is total (ties broken
-        by arrival, then StudyInstanceUID) and does not depend on the input order.
+        Placements in reading order, ``rank`` starting at 1. The order is total and does not
+        depend on the input order.
     """
-    del now
-    keyed = [(*_key_and_reasons(ctx), ctx) for ctx in studies]
+    keyed = []
+    for ctx in studies:
+        key, cls, deadline, tier, reasons = place(ctx, now, config)
+        keyed.append((key, cls, deadline, tier, reasons, ctx))
     keyed.sort(key=lambda item: item[0])
     return [
-        Placement(ctx.StudyInstanceUID, rank, reasons, key)
-        for rank, (key, reasons, ctx) in enumerate(keyed, start=1)
+        Placement(ctx.StudyInstanceUID, rank, reasons, cls, deadline, tier, key)
+        for rank, (key, cls, deadline, tier, reasons, ctx) in enumerate(keyed, start=1)
     ]
+
+
+def policy_document(config: PolicyConfig = DEFAULT_POLICY) -> Mapping[str, Any]:
+    """The policy's name, version and configuration hash (reported with the worklist)."""
+    return {"version": POLICY_VERSION, "config_sha256": config.digest()}

@@ -1,0 +1,217 @@
+"""The reading work queue: radiologists claim, renew, release and complete studies.
+
+A claim is exclusive and carries a lease: a study whose reader walked away comes back to
+the queue when the lease expires. Every change is one conditional UPDATE (``WHERE`` the
+study is still claimable, or still held by this reader), so two readers can never hold one
+study, on SQLite (writes are serialised) and on PostgreSQL (the row lock, and ``SKIP
+LOCKED`` when picking the next study so that concurrent readers do not queue on one row).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from triage.db import Database
+from triage.db.tables import StudyRow
+from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
+
+_READER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+DEFAULT_LEASE = timedelta(minutes=15)
+
+
+class ClaimError(Exception):
+    """A claim operation that cannot be done; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_reader(reader: str) -> str:
+    if not _READER_RE.match(reader or ""):
+        raise ClaimError(400, "reader must be 1-64 letters, digits or . _ @ -")
+    return reader
+
+
+def claimable(now: datetime) -> ColumnElement[bool]:
+    """Unread, or claimed with an expired lease (an abandoned claim)."""
+    return or_(
+        StudyRow.read_state == "unread",
+        and_(StudyRow.read_state == "claimed", StudyRow.claim_expires_at < now),
+    )
+
+
+def _held_by(reader: str, now: datetime) -> ColumnElement[bool]:
+    return and_(
+        StudyRow.read_state == "claimed",
+        StudyRow.claimed_by == reader,
+        StudyRow.claim_expires_at >= now,
+    )
+
+
+def _explain(s: Session, study_uid: str, reader: str, now: datetime) -> ClaimError:
+    row = s.execute(
+        select(StudyRow.read_state, StudyRow.claimed_by, StudyRow.claim_expires_at).where(
+            StudyRow.StudyInstanceUID == study_uid
+        )
+    ).first()
+    if row is None:
+        return ClaimError(404, "unknown StudyInstanceUID")
+    state, holder, _expires = row
+    if state == "completed":
+        return ClaimError(409, "the study has been read already")
+    if state == "claimed" and holder != reader:
+        return ClaimError(409, f"the study is being read by {holder}")
+    return ClaimError(409, "the study is not claimed by this reader (the lease may have expired)")
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def claim(
+    db: Database,
+    study_uid: str,
+    reader: str,
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> datetime:
+    """Claim one study (or renew the reader's own claim). Returns the lease's end."""
+    check_reader(reader)
+    now = now or datetime.now(UTC)
+    expires = now + lease
+    with db.session() as s:
+        result = s.execute(
+            update(StudyRow)
+            .where(
+                StudyRow.StudyInstanceUID == study_uid,
+                or_(claimable(now), _held_by(reader, now)),
+            )
+            .values(read_state="claimed", claimed_by=reader, claim_expires_at=expires)
+        )
+        if _rowcount(result) != 1:
+            raise _explain(s, study_uid, reader, now)
+    return expires
+
+
+def renew(
+    db: Database,
+    study_uid: str,
+    reader: str,
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> datetime:
+    """Extend the reader's own lease (409 when it is not theirs any more)."""
+    check_reader(reader)
+    now = now or datetime.now(UTC)
+    expires = now + lease
+    with db.session() as s:
+        result = s.execute(
+            update(StudyRow)
+            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
+            .values(claim_expires_at=expires)
+        )
+        if _rowcount(result) != 1:
+            raise _explain(s, study_uid, reader, now)
+    return expires
+
+
+def release(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
+    """Give the study back to the queue, unread."""
+    check_reader(reader)
+    now = now or datetime.now(UTC)
+    with db.session() as s:
+        result = s.execute(
+            update(StudyRow)
+            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
+            .values(read_state="unread", claimed_by=None, claim_expires_at=None)
+        )
+        if _rowcount(result) != 1:
+            raise _explain(s, study_uid, reader, now)
+
+
+def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
+    """Mark the study read by the reader holding it."""
+    check_reader(reader)
+    now = now or datetime.now(UTC)
+    with db.session() as s:
+        result = s.execute(
+            update(StudyRow)
+            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
+            .values(
+                read_state="completed",
+                completed_by=reader,
+                completed_at=now,
+                claim_expires_at=None,
+            )
+        )
+        if _rowcount(result) != 1:
+            raise _explain(s, study_uid, reader, now)
+
+
+def claim_next(
+    db: Database,
+    reader: str,
+    *,
+    modalities: Sequence[str] = (),
+    subspecialties: Sequence[str] = (),
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+    config: PolicyConfig = DEFAULT_POLICY,
+) -> dict[str, Any] | None:
+    """Claim the first study in reading order that the reader may take (filters applied).
+
+    Returns:
+        The worklist item of the claimed study (with ``claim_expires_at``), or None when
+        nothing is waiting.
+    """
+    from triage.worklist.service import worklist
+
+    check_reader(reader)
+    now = now or datetime.now(UTC)
+    doc = worklist(
+        db,
+        now=now,
+        config=config,
+        modalities=modalities,
+        subspecialties=subspecialties,
+        claimable_only=True,
+    )
+    candidates = [item["StudyInstanceUID"] for item in doc["items"]]
+    for start in range(0, len(candidates), 20):
+        batch = candidates[start : start + 20]
+        with db.session() as s:
+            # PostgreSQL: lock the batch's still-claimable rows, skipping rows another
+            # reader is claiming right now; SQLite ignores FOR UPDATE (writes are serial).
+            free = set(
+                s.scalars(
+                    select(StudyRow.StudyInstanceUID)
+                    .where(StudyRow.StudyInstanceUID.in_(batch), claimable(now))
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for uid in batch:
+                if uid not in free:
+                    continue
+                result = s.execute(
+                    update(StudyRow)
+                    .where(StudyRow.StudyInstanceUID == uid, claimable(now))
+                    .values(read_state="claimed", claimed_by=reader, claim_expires_at=now + lease)
+                )
+                if _rowcount(result) == 1:
+                    item = next(i for i in doc["items"] if i["StudyInstanceUID"] == uid)
+                    item.update(
+                        read_state="claimed",
+                        claimed_by=reader,
+                        claim_expires_at=(now + lease).isoformat(),
+                    )
+                    return item
+    return None
