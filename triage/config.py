@@ -90,6 +90,16 @@ class Settings(BaseSettings):
         le=12,
         description="Haemorrhage ensemble size; default 1 on CPU, 12 on CUDA.",
     )
+    policy_file: Path | None = Field(
+        default=None,
+        description="TOML or JSON file configuring the worklist priority policy"
+        " (service-level times, aging, AI escalation); default: the built-in policy.",
+    )
+    claim_lease_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a reader's claim on a study lasts without renewal.",
+    )
     series_quiet_seconds: float = Field(default=2.0, gt=0)
     study_max_wait_seconds: float = Field(
         default=300.0,

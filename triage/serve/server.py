@@ -16,6 +16,7 @@ from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
 from triage.pipeline import Analyzer
 from triage.serve.app import create_app
+from triage.worklist.priority import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ class TriageService:
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted write", stale)
         self.app = create_app(
-            self.db, ingestor=self.ingestor, max_upload_bytes=settings.max_upload_bytes
+            self.db,
+            ingestor=self.ingestor,
+            max_upload_bytes=settings.max_upload_bytes,
+            policy=load_policy(settings.policy_file),
+            lease_seconds=settings.claim_lease_seconds,
         )
         self._scp: ThreadedAssociationServer | None = None
         self._http: uvicorn.Server | None = None

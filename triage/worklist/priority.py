@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from triage.domain import Finding, FindingCode
 
@@ -81,6 +83,20 @@ class PolicyConfig(BaseModel):
         }
     )
     location_classes: dict[str, str] = Field(default_factory=lambda: {"emergency": "urgent"})
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> PolicyConfig:
+        for name in self.sla_minutes:
+            if name not in CLASSES:
+                raise ValueError(f"sla_minutes: unknown class {name!r} (classes: {CLASSES})")
+        missing = [c for c in CLASSES if c not in self.sla_minutes]
+        if missing:
+            raise ValueError(f"sla_minutes: no service-level time for {missing}")
+        targets = [r.escalate_to for r in self.findings.values()]
+        for target in [*targets, *self.location_classes.values()]:
+            if target not in CLASSES:
+                raise ValueError(f"unknown priority class {target!r} (classes: {CLASSES})")
+        return self
 
     def digest(self) -> str:
         """A short hash of the configuration, reported with each worklist."""
@@ -206,6 +222,23 @@ def rank_studies(
         Placement(ctx.StudyInstanceUID, rank, reasons, cls, deadline, tier, key)
         for rank, (key, cls, deadline, tier, reasons, ctx) in enumerate(keyed, start=1)
     ]
+
+
+def load_policy(path: Path | None) -> PolicyConfig:
+    """The policy configuration from a TOML or JSON file; the defaults when ``path`` is None.
+
+    Raises:
+        ValueError: the file is not valid TOML/JSON or does not describe a policy (the message
+            names the field).
+    """
+    if path is None:
+        return DEFAULT_POLICY
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        return PolicyConfig.model_validate(data)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"policy file {path.name}: {exc}") from exc
 
 
 def policy_document(config: PolicyConfig = DEFAULT_POLICY) -> Mapping[str, Any]:

@@ -1,0 +1,63 @@
+"""The work queue over HTTP: filters, claim/renew/release/complete, next study, policy file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.worklist.test_queue import add_study
+from triage.db import Database
+from triage.serve.app import create_app
+from triage.worklist.priority import load_policy
+
+
+def test_queue_over_http(db: Database) -> None:
+    add_study(db, "1.1", 0)
+    add_study(db, "1.2", 1, priority="STAT")
+    add_study(db, "1.3", 2, modality="CR", body_part="CHEST")
+    client = TestClient(create_app(db))
+    items = client.get("/api/worklist").json()["items"]
+    assert [i["StudyInstanceUID"] for i in items] == ["1.2", "1.1", "1.3"]
+    assert items[0]["priority_class"] == "stat" and items[0]["deadline"]
+    chest = client.get("/api/worklist", params={"subspecialty": "chest"}).json()["items"]
+    assert [i["StudyInstanceUID"] for i in chest] == ["1.3"]
+    ct = client.get("/api/worklist", params=[("modality", "CT")]).json()["items"]
+    assert {i["StudyInstanceUID"] for i in ct} == {"1.1", "1.2"}
+
+    nxt = client.post("/api/worklist/next", json={"reader": "alice"})
+    assert nxt.status_code == 200 and nxt.json()["StudyInstanceUID"] == "1.2"
+    taken = client.post("/api/studies/1.2/claim", json={"reader": "bob"})
+    assert taken.status_code == 409 and "alice" in taken.json()["detail"]
+    assert client.post("/api/studies/1.2/renew", json={"reader": "alice"}).status_code == 200
+    assert client.post("/api/studies/1.2/complete", json={"reader": "alice"}).status_code == 200
+    assert client.post("/api/studies/1.1/claim", json={"reader": "bob"}).status_code == 200
+    assert client.post("/api/studies/1.1/release", json={"reader": "bob"}).status_code == 200
+    assert client.post("/api/studies/9.9/claim", json={"reader": "bob"}).status_code == 404
+    assert client.post("/api/studies/1.1/frobnicate", json={"reader": "bob"}).status_code == 404
+    assert client.post("/api/studies/1.1/claim", json={"reader": "a b"}).status_code == 400
+    body = {"reader": "carol", "subspecialties": ["chest"]}
+    assert client.post("/api/worklist/next", json=body).json()["StudyInstanceUID"] == "1.3"
+    assert client.post("/api/worklist/next", json=body).status_code == 204
+    items = client.get("/api/worklist").json()["items"]
+    assert [(i["StudyInstanceUID"], i["read_state"]) for i in items] == [
+        ("1.1", "unread"),
+        ("1.3", "claimed"),
+    ]
+
+
+def test_policy_file(tmp_path: Path) -> None:
+    good = tmp_path / "policy.toml"
+    good.write_text(
+        "aging_fraction = 0.5\n[sla_minutes]\ncritical = 10\nstat = 20\nurgent = 45\n"
+        "routine = 600\n"
+    )
+    config = load_policy(good)
+    assert config.sla_minutes["routine"] == 600 and config.aging_fraction == 0.5
+    bad = tmp_path / "policy.json"
+    bad.write_text(json.dumps({"sla_minutes": {"critical": 1, "stat": 2, "urgent": 3}}))
+    with pytest.raises(ValueError, match="no service-level time for \\['routine'\\]"):
+        load_policy(bad)
+    assert load_policy(None).digest() != config.digest()
