@@ -67,7 +67,7 @@ def serve(verbose: Verbose = False) -> None:
 
 def print_worklist(doc: dict[str, Any]) -> None:
     table = Table(title="Reading worklist")
-    for col in ("#", "Study", "Modality", "AI", "Finding", "Why here"):
+    for col in ("#", "Study", "Modality", "AI", "Finding", "Class / due", "Reader", "Why here"):
         table.add_column(col)
     for item in doc["items"]:
         finding = "; ".join(
@@ -82,6 +82,8 @@ def print_worklist(doc: dict[str, Any]) -> None:
             "/".join(item.get("ModalitiesInStudy") or []),
             item["ai_status"] + (f" ({item['ai_error']})" if item.get("ai_error") else ""),
             finding or "-",
+            f"{item.get('priority_class', '')} {str(item.get('deadline', ''))[11:16]}",
+            item.get("claimed_by") or "",
             ", ".join(item["reasons"]),
             style=style,
         )
@@ -93,10 +95,11 @@ def worklist(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
 ) -> None:
     """Print the reading worklist from the database (the same document as GET /api/worklist)."""
+    from triage.worklist.priority import load_policy
     from triage.worklist.service import worklist as build
 
-    db = _open_db(Settings())
-    doc = build(db)
+    settings = Settings()
+    doc = build(_open_db(settings), config=load_policy(settings.policy_file))
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
