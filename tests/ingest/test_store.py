@@ -31,13 +31,6 @@ from triage.ingest.store import (
 )
 
 
-@pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'triage.db'}")
-    database.migrate()
-    return database
-
-
 def ct_bytes(**changes: str) -> bytes:
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     for k, v in changes.items():

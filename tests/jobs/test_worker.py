@@ -20,9 +20,7 @@ from triage.pipeline import Analyzer
 
 
 @pytest.fixture()
-def worker(tmp_path: Path) -> Worker:
-    db = Database(f"sqlite:///{tmp_path / 'triage.db'}")
-    db.migrate()
+def worker(tmp_path: Path, db: Database) -> Worker:
     # No mirror and downloads to a closed port: any attempt to load weights fails loudly.
     analyzer = Analyzer(model_cache_dir=tmp_path / "models", model_mirror=str(tmp_path / "none"))
     return Worker(db=db, analyzer=analyzer, results_dir=tmp_path / "results", quiet_seconds=1)
