@@ -230,3 +230,18 @@ def test_pynetdicom_fallback_sends_compressed_files_as_they_are(
     assert [r.TransferSyntaxUID for r in rows] == [
         str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files
     ]
+
+
+def test_maximum_pdu_size_is_announced(tmp_path: Path) -> None:
+    """The listener announces TRIAGE_MAX_PDU_BYTES as its maximum PDU length."""
+    from pynetdicom import AE
+
+    with running_scp(tmp_path, max_pdu_bytes=32768) as (port, _):
+        ae = AE(ae_title="PDU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+        try:
+            assert assoc.is_established
+            assert assoc.acceptor.maximum_length == 32768
+        finally:
+            assoc.release()
