@@ -64,9 +64,14 @@ class PolicyConfig(BaseModel):
     """The configurable parts of the policy (JSON/TOML-friendly).
 
     Attributes:
-        sla_minutes: service-level time per class, in minutes (the deadline is arrival plus
-            this). Defaults: critical 15 min, stat 30 min, urgent 60 min, routine 24 h
-            (common teleradiology contracts).
+        sla_minutes: reading-order deadline per class, in minutes (the deadline is arrival
+            plus this; a study starts to age towards it). Defaults: critical 15 min, and 60 min
+            for stat, urgent and routine alike. These are not contractual turnaround times
+            (routine is often 24 h): measured with ``triage simulate`` (docs/simulation.md),
+            a routine deadline of 24 h lets stat and urgent studies starve routine ones (the
+            worst routine wait grows to 2.7x FIFO's), while one deadline for every
+            non-critical class keeps the order stat, urgent, routine for fresh studies and
+            serves any study near its deadline oldest first (worst wait 1.08x FIFO's).
         aging_fraction: a study enters "due soon" when less than this fraction of its
             service-level time is left.
         findings: finding code -> escalation rule.
@@ -74,7 +79,7 @@ class PolicyConfig(BaseModel):
     """
 
     sla_minutes: dict[str, float] = Field(
-        default_factory=lambda: {"critical": 15.0, "stat": 30.0, "urgent": 60.0, "routine": 1440.0}
+        default_factory=lambda: {"critical": 15.0, "stat": 60.0, "urgent": 60.0, "routine": 60.0}
     )
     aging_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
     findings: dict[str, FindingRule] = Field(
