@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -111,6 +111,49 @@ class Settings(BaseSettings):
     ich_threshold_ml: float | None = Field(
         default=None, ge=0, description="Override the haemorrhage flag threshold (ml)."
     )
+    events_publish_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the worklist is compared to emit worklist_changed/task events.",
+    )
+    events_poll_seconds: float = Field(
+        default=0.5, gt=0, description="How often an SSE stream (/api/events) reads new events."
+    )
+    events_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="An SSE comment is sent after this long without events."
+    )
+    events_retention_hours: float = Field(
+        default=168.0,
+        gt=0,
+        description="Events older than this are deleted (those the webhook still owes kept).",
+    )
+    fhir_accession_system: str | None = Field(
+        default=None,
+        description="FHIR identifier system of accession numbers in Task.identifier.",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="POST events of webhook_kinds to this URL (None: no webhook).",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="When set, X-Triage-Signature: sha256=<HMAC-SHA256 of the body>.",
+    )
+    webhook_kinds: list[str] = Field(
+        default_factory=lambda: ["critical_finding"],
+        description="Event kinds sent to the webhook (JSON list).",
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, description="Attempts before a webhook event is marked failed."
+    )
+    webhook_backoff_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="First retry wait; doubled per failed attempt, at most"
+        " webhook_backoff_max_seconds.",
+    )
+    webhook_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -141,3 +141,26 @@ class QuarantineRow(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(String(512))
+
+
+class EventRow(Base):
+    """The outbox: one change other systems may follow (see ``triage.events``).
+
+    Written in the producer's transaction, read by the SSE stream and the webhook sender.
+    Payloads carry no patient name or ID; ``webhook_error`` only says how delivery failed.
+    """
+
+    __tablename__ = "events"
+    # SQLite: AUTOINCREMENT, so an id is never reused after old events are pruned.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    StudyInstanceUID: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # pending | delivered | failed; None when the event is not for the webhook.
+    webhook_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_error: Mapped[str | None] = mapped_column(Text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from sqlalchemy import delete, select, update
 
 from triage.db import Database
 from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
-from triage.domain import AIStatus
+from triage.domain import AIStatus, Finding
+from triage.events import outbox
 from triage.ingest.assembly import complete_quiet_series
 from triage.pipeline import Analyzer, SeriesFiles, StudyAnalysis
 from triage.results import overlay_path, save_overlay
+from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,14 @@ class Worker:
         quiet_seconds: float,
         poll_seconds: float = 0.5,
         max_wait_seconds: float | None = None,
+        policy: PolicyConfig = DEFAULT_POLICY,
+        webhook_kinds: Collection[str] = (),
     ) -> None:
         self.db = db
+        # Which flagged findings raise a critical_finding event, and which kinds the webhook
+        # is to deliver (empty: no webhook).
+        self.policy = policy
+        self.webhook_kinds = frozenset(webhook_kinds)
         self.analyzer = analyzer
         self.results_dir = results_dir
         self.quiet_seconds = quiet_seconds
@@ -144,6 +153,15 @@ class Worker:
         log.info("study #%d: ai_status=%s", study_id, analysis.ai_status.value)
         return True
 
+    def _escalates_to_critical(self, f: Finding) -> bool:
+        rule = self.policy.findings.get(str(f.finding))
+        return bool(
+            rule is not None
+            and f.flag
+            and f.score >= rule.min_score
+            and rule.escalate_to == "critical"
+        )
+
     def _record(self, job_id: int, study_id: int, analysis: StudyAnalysis) -> None:
         now = datetime.now(UTC)
         mask_paths: dict[str, str] = {}
@@ -152,6 +170,15 @@ class Worker:
             save_overlay(path, overlay)
             mask_paths[name] = str(path)
         with self.db.session() as s:
+            # Findings flagged by an earlier analysis of this study were alerted already.
+            alerted: set[tuple[str, str]] = {
+                (finding, model)
+                for finding, model in s.execute(
+                    select(FindingRow.finding, FindingRow.model_name).where(
+                        FindingRow.study_id == study_id, FindingRow.flag != 0
+                    )
+                )
+            }
             s.execute(delete(FindingRow).where(FindingRow.study_id == study_id))
             for f in analysis.findings:
                 s.add(
@@ -186,3 +213,28 @@ class Worker:
             study.ai_error = analysis.error
             study.ai_updated_at = now
             study.routing = analysis.routing
+            # Critical-finding alerts, in the transaction that records the findings: one per
+            # finding the policy escalates to critical, once per study and model.
+            for f in analysis.findings:
+                if not self._escalates_to_critical(f) or (f.finding, f.model.name) in alerted:
+                    continue
+                payload = {
+                    "StudyInstanceUID": analysis.StudyInstanceUID,
+                    "AccessionNumber": study.AccessionNumber,
+                    "finding": f.finding,
+                    "flag": bool(f.flag),
+                    "score": f.score,
+                    "volumes_ml": dict(f.volumes_ml),
+                    "model": f.model.to_json(),
+                    "priority_class": "critical",
+                    "time": now.isoformat(),
+                }
+                kind = outbox.CRITICAL_FINDING
+                outbox.emit(
+                    s,
+                    kind,
+                    analysis.StudyInstanceUID,
+                    payload,
+                    webhook=kind in self.webhook_kinds,
+                    now=now,
+                )

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
-from datetime import timedelta
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from triage import __version__
 from triage.db import Database
 from triage.db.tables import FindingRow, StudyRow
+from triage.events import outbox
+from triage.events.fhir import task_from_item
+from triage.events.publisher import study_item
 from triage.ingest.store import Ingestor
 from triage.worklist import queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
@@ -161,6 +168,81 @@ def create_app(
         buf = io.BytesIO()
         render_key_image(Path(mask_path)).save(buf, format="PNG")
         return Response(content=buf.getvalue(), media_type="image/png")
+
+    @app.get("/api/studies/{study_uid}/fhir-task")
+    def get_fhir_task(study_uid: str, db: DB, request: Request) -> Response:
+        """The study's reading task as a FHIR R4 ``Task`` (see docs/integration.md)."""
+        now = datetime.now(UTC)
+        item = study_item(db, study_uid, now, request.app.state.policy)
+        if item is None:
+            raise HTTPException(status_code=404, detail="unknown StudyInstanceUID")
+        system = getattr(request.app.state, "fhir_accession_system", None)
+        return JSONResponse(
+            task_from_item(item, now, accession_system=system), media_type="application/fhir+json"
+        )
+
+    @app.get("/api/events")
+    async def get_events(
+        request: Request,
+        after: Annotated[int | None, Query(ge=0, description="Send events after this id.")] = None,
+        kinds: Annotated[
+            str | None, Query(description="Comma-separated event kinds (default: all).")
+        ] = None,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """Server-sent events: outbox rows as ``id``/``event``/``data`` messages.
+
+        Starts after the ``Last-Event-ID`` header or ``?after=`` (default: only events from
+        now on); ``?kinds=critical_finding,worklist_changed`` keeps only those kinds.
+        """
+        state = request.app.state
+        wanted: frozenset[str] | None = None
+        if kinds:
+            wanted = frozenset(k.strip() for k in kinds.split(",") if k.strip())
+            unknown = sorted(wanted - set(outbox.KINDS))
+            if unknown:
+                raise HTTPException(
+                    status_code=400, detail=f"unknown event kind(s) {unknown}; {outbox.KINDS}"
+                )
+        start: int | None = after
+        if last_event_id is not None and last_event_id.strip():
+            try:
+                start = int(last_event_id.strip())
+            except ValueError:
+                raise HTTPException(
+                    status_code=400, detail="Last-Event-ID must be an event id"
+                ) from None
+            if start < 0:
+                raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id")
+        db: Database = state.db
+        if start is None:
+            start = await run_in_threadpool(outbox.latest_id, db)
+        cursor = outbox.EventCursor(start, kinds=wanted)
+        poll = float(getattr(state, "events_poll_seconds", 0.5))
+        keepalive = float(getattr(state, "events_keepalive_seconds", 15.0))
+        closing = getattr(state, "events_closing", None)
+
+        async def stream() -> AsyncIterator[str]:
+            yield "retry: 2000\n: connected\n\n"
+            quiet_since = time.monotonic()
+            while True:
+                if await request.is_disconnected() or (closing is not None and closing()):
+                    return
+                events = await run_in_threadpool(cursor.poll, db)
+                for event in events:
+                    yield event.sse()
+                if events:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= keepalive:
+                    yield ": keepalive\n\n"
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(poll)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import Settings
 from triage.db import Database
+from triage.events.publisher import Publisher
+from triage.events.webhook import WebhookConfig, WebhookSender
 from triage.ingest.scp import ScpOptions, start_scp
 from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
@@ -30,6 +33,9 @@ class TriageService:
         self.db = Database(settings.resolved_database_url)
         self.db.migrate()
         self.analyzer = Analyzer.from_settings(settings)
+        policy = load_policy(settings.policy_file)
+        # Events are queued for the webhook only when one is configured.
+        webhook_kinds = frozenset(settings.webhook_kinds) if settings.webhook_url else frozenset()
         self.worker = Worker(
             db=self.db,
             analyzer=self.analyzer,
@@ -37,6 +43,8 @@ class TriageService:
             quiet_seconds=settings.series_quiet_seconds,
             poll_seconds=settings.worker_poll_seconds,
             max_wait_seconds=settings.study_max_wait_seconds,
+            policy=policy,
+            webhook_kinds=webhook_kinds,
         )
         self.ingestor = Ingestor.from_settings(settings, self.db)
         stale = remove_stale_parts(settings.incoming_dir)
@@ -46,17 +54,54 @@ class TriageService:
             self.db,
             ingestor=self.ingestor,
             max_upload_bytes=settings.max_upload_bytes,
-            policy=load_policy(settings.policy_file),
+            policy=policy,
             lease_seconds=settings.claim_lease_seconds,
         )
+        self.publisher = Publisher(
+            self.db,
+            policy=policy,
+            interval_seconds=settings.events_publish_seconds,
+            webhook_kinds=webhook_kinds,
+            accession_system=settings.fhir_accession_system,
+            retention=timedelta(hours=settings.events_retention_hours),
+        )
+        self.webhook: WebhookSender | None = None
+        if settings.webhook_url:
+            secret = settings.webhook_secret
+            self.webhook = WebhookSender(
+                self.db,
+                WebhookConfig(
+                    url=settings.webhook_url,
+                    secret=secret.get_secret_value() if secret else None,
+                    max_attempts=settings.webhook_max_attempts,
+                    backoff_seconds=settings.webhook_backoff_seconds,
+                    max_backoff_seconds=settings.webhook_backoff_max_seconds,
+                    timeout_seconds=settings.webhook_timeout_seconds,
+                ),
+            )
+        # Read by the SSE route (/api/events): poll and keep-alive intervals, FHIR options,
+        # and whether the HTTP server is shutting down (open streams then end).
+        self.app.state.events_poll_seconds = settings.events_poll_seconds
+        self.app.state.events_keepalive_seconds = settings.events_keepalive_seconds
+        self.app.state.fhir_accession_system = settings.fhir_accession_system
+        self.app.state.events_closing = self._http_exiting
         self._scp: ThreadedAssociationServer | None = None
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+        self._http_servers: list[uvicorn.Server] = []
+
+    def _http_exiting(self) -> bool:
+        """True once the HTTP server has been told to stop (SSE streams then end)."""
+        return any(server.should_exit for server in self._http_servers)
 
     def start_background(self) -> None:
-        """Start the SCP and the worker (the HTTP server is started by the caller)."""
+        """Start the SCP, the worker, the event publisher and the webhook sender (the HTTP
+        server is started by the caller)."""
         self._scp = start_scp(ScpOptions.from_settings(self.settings), self.ingestor)
         self.worker.start()
+        self.publisher.start()
+        if self.webhook is not None:
+            self.webhook.start()
 
     def _uvicorn(self) -> uvicorn.Server:
         config = uvicorn.Config(
@@ -68,7 +113,9 @@ class TriageService:
             ssl_certfile=self.settings.https_cert,
             ssl_keyfile=self.settings.https_key,
         )
-        return uvicorn.Server(config)
+        server = uvicorn.Server(config)
+        self._http_servers.append(server)
+        return server
 
     def serve_forever(self) -> None:
         """Run until interrupted (Ctrl-C / SIGTERM)."""
@@ -95,4 +142,7 @@ class TriageService:
             self._scp.shutdown()
             self._scp = None
         self.worker.stop()
+        self.publisher.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
         self.db.dispose()

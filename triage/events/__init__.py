@@ -1,0 +1,1 @@
+"""Outbound changes: the event outbox, live updates (SSE), the webhook and FHIR Tasks."""
