@@ -117,7 +117,7 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
             f"--user-data-dir={tmp_path / 'chrome'}",
             "--virtual-time-budget=8000",
             "--dump-dom",
-            f"{server.http_url}/",
+            f"{server.http_url}/?live=0",  # an open event stream never lets the page idle
         ],
         capture_output=True,
         text=True,
@@ -132,6 +132,8 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
     assert "critical" in first_row
     assert "ai:intracranial_haemorrhage" in first_row
     assert items[0]["StudyInstanceUID"] in first_row
+    assert 'class="due-critical">critical' in first_row  # class and deadline shown
+    assert 'id="next"' in dom and "Read next" in dom  # the work queue's button
 
 
 def test_cli_worklist_json_is_the_api_document(server: Server) -> None:
