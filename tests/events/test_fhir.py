@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.events.studies import add_study
+from tests.studies import add_study
 from triage.db import Database
 from triage.events.fhir import (
     AI_FINDING_EXTENSION,

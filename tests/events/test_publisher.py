@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tests.events.studies import add_study
+from tests.studies import add_study
 from triage.db import Database
 from triage.db.tables import EventRow, FindingRow, StudyRow
 from triage.events import outbox

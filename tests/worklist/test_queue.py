@@ -7,49 +7,17 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import insert
 
+from tests.studies import add_study as add_head_or_other
 from triage.db import Database
-from triage.db.tables import SeriesRow, StudyRow
 from triage.worklist import queue
 from triage.worklist.queue import ClaimError
 from triage.worklist.service import worklist
 
-T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 
-
-def add_study(
-    db: Database,
-    uid: str,
-    minutes: int = 0,
-    *,
-    modality: str = "CT",
-    body_part: str = "HEAD",
-    priority: str | None = None,
-) -> None:
-    with db.session() as s:
-        study_id = s.scalar(
-            insert(StudyRow)
-            .returning(StudyRow.id)
-            .values(
-                StudyInstanceUID=uid,
-                first_received_at=T0 + timedelta(minutes=minutes),
-                last_received_at=T0 + timedelta(minutes=minutes),
-                ai_status="ok",
-                order_priority=priority,
-            )
-        )
-        s.execute(
-            insert(SeriesRow).values(
-                study_id=study_id,
-                SeriesInstanceUID=uid + ".1",
-                Modality=modality,
-                BodyPartExamined=body_part,
-                n_instances=1,
-                last_received_at=T0,
-                state="complete",
-            )
-        )
+def add_study(db: Database, uid: str, minutes: int = 0, **kwargs: object) -> None:
+    """A study arriving ``minutes`` after a start 30 minutes ago."""
+    add_head_or_other(db, uid, 30 - minutes, **kwargs)  # type: ignore[arg-type]
 
 
 def test_claim_is_exclusive_and_release_and_complete(db: Database) -> None:

@@ -502,6 +502,21 @@ class Ingestor:
             duplicate_policy=DuplicatePolicy(settings.duplicate_policy),
         )
 
+    def keep(
+        self, data: bytes, *, source: str, reason: str, status: StoreStatus, now: datetime
+    ) -> int | None:
+        """Keep input that is not stored in quarantine (see :func:`quarantine`)."""
+        return quarantine(
+            data,
+            db=self.db,
+            quarantine_dir=self.quarantine_dir,
+            tmp_dir=self.tmp_dir,
+            source=source,
+            reason=reason,
+            status=status,
+            now=now,
+        )
+
     def ingest(
         self,
         data: bytes,
@@ -561,16 +576,7 @@ class Ingestor:
         ids: dict[str, str | None] = {"SOPClassUID": None, "SOPInstanceUID": None}
 
         def reject(status: StoreStatus, reason: str) -> IngestOutcome:
-            qid = quarantine(
-                data,
-                db=self.db,
-                quarantine_dir=self.quarantine_dir,
-                tmp_dir=self.tmp_dir,
-                source=source,
-                reason=reason,
-                status=status,
-                now=now,
-            )
+            qid = self.keep(data, source=source, reason=reason, status=status, now=now)
             log.warning("rejected instance from %s (quarantine #%s): %s", source, qid, reason)
             return IngestOutcome(
                 status,
@@ -792,16 +798,7 @@ class Ingestor:
             f"different content under a stored SOPInstanceUID (policy {policy.value}): "
             "the first copy is kept, this one is in quarantine"
         )
-        qid = quarantine(
-            data,
-            db=self.db,
-            quarantine_dir=self.quarantine_dir,
-            tmp_dir=self.tmp_dir,
-            source=source,
-            reason=reason,
-            status=status,
-            now=now,
-        )
+        qid = self.keep(data, source=source, reason=reason, status=status, now=now)
         log.warning("instance from %s conflicts with a stored copy (quarantine #%s)", source, qid)
         return IngestOutcome(status, reason, sop_uid, study_uid, sop_class, True, qid)
 

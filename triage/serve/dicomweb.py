@@ -52,7 +52,7 @@ from fastapi.responses import Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
-from triage.ingest.store import Ingestor, IngestOutcome, StoreStatus, quarantine
+from triage.ingest.store import Ingestor, IngestOutcome, StoreStatus
 
 log = logging.getLogger(__name__)
 
@@ -271,16 +271,7 @@ def _refuse(
     sop_instance: str | None = None,
 ) -> IngestOutcome:
     """Keep a part that is not stored in quarantine, so that nothing is silently dropped."""
-    qid = quarantine(
-        data,
-        db=ingestor.db,
-        quarantine_dir=ingestor.quarantine_dir,
-        tmp_dir=ingestor.tmp_dir,
-        source=source,
-        reason=reason,
-        status=status,
-        now=datetime.now(UTC),
-    )
+    qid = ingestor.keep(data, source=source, reason=reason, status=status, now=datetime.now(UTC))
     log.warning("STOW-RS part from %s refused (quarantine #%s): %s", source, qid, reason)
     return IngestOutcome(
         status, reason, SOPInstanceUID=sop_instance, SOPClassUID=sop_class, quarantine_id=qid

@@ -75,6 +75,26 @@ def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _transition(
+    db: Database,
+    study_uid: str,
+    reader: str,
+    now: datetime,
+    condition: ColumnElement[bool],
+    values: dict[str, Any],
+) -> None:
+    """One conditional UPDATE of a study's claim; an explained ClaimError when it fails."""
+    check_reader(reader)
+    with db.session() as s:
+        result = s.execute(
+            update(StudyRow)
+            .where(StudyRow.StudyInstanceUID == study_uid, condition)
+            .values(**values)
+        )
+        if _rowcount(result) != 1:
+            raise _explain(s, study_uid, reader, now)
+
+
 def claim(
     db: Database,
     study_uid: str,
@@ -84,20 +104,10 @@ def claim(
     now: datetime | None = None,
 ) -> datetime:
     """Claim one study (or renew the reader's own claim). Returns the lease's end."""
-    check_reader(reader)
     now = now or datetime.now(UTC)
     expires = now + lease
-    with db.session() as s:
-        result = s.execute(
-            update(StudyRow)
-            .where(
-                StudyRow.StudyInstanceUID == study_uid,
-                or_(claimable(now), _held_by(reader, now)),
-            )
-            .values(read_state="claimed", claimed_by=reader, claim_expires_at=expires)
-        )
-        if _rowcount(result) != 1:
-            raise _explain(s, study_uid, reader, now)
+    values = {"read_state": "claimed", "claimed_by": reader, "claim_expires_at": expires}
+    _transition(db, study_uid, reader, now, or_(claimable(now), _held_by(reader, now)), values)
     return expires
 
 
@@ -110,51 +120,29 @@ def renew(
     now: datetime | None = None,
 ) -> datetime:
     """Extend the reader's own lease (409 when it is not theirs any more)."""
-    check_reader(reader)
     now = now or datetime.now(UTC)
     expires = now + lease
-    with db.session() as s:
-        result = s.execute(
-            update(StudyRow)
-            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
-            .values(claim_expires_at=expires)
-        )
-        if _rowcount(result) != 1:
-            raise _explain(s, study_uid, reader, now)
+    _transition(db, study_uid, reader, now, _held_by(reader, now), {"claim_expires_at": expires})
     return expires
 
 
 def release(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
     """Give the study back to the queue, unread."""
-    check_reader(reader)
     now = now or datetime.now(UTC)
-    with db.session() as s:
-        result = s.execute(
-            update(StudyRow)
-            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
-            .values(read_state="unread", claimed_by=None, claim_expires_at=None)
-        )
-        if _rowcount(result) != 1:
-            raise _explain(s, study_uid, reader, now)
+    values = {"read_state": "unread", "claimed_by": None, "claim_expires_at": None}
+    _transition(db, study_uid, reader, now, _held_by(reader, now), values)
 
 
 def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
     """Mark the study read by the reader holding it."""
-    check_reader(reader)
     now = now or datetime.now(UTC)
-    with db.session() as s:
-        result = s.execute(
-            update(StudyRow)
-            .where(StudyRow.StudyInstanceUID == study_uid, _held_by(reader, now))
-            .values(
-                read_state="completed",
-                completed_by=reader,
-                completed_at=now,
-                claim_expires_at=None,
-            )
-        )
-        if _rowcount(result) != 1:
-            raise _explain(s, study_uid, reader, now)
+    values = {
+        "read_state": "completed",
+        "completed_by": reader,
+        "completed_at": now,
+        "claim_expires_at": None,
+    }
+    _transition(db, study_uid, reader, now, _held_by(reader, now), values)
 
 
 def claim_next(

@@ -17,8 +17,11 @@ def add_study(
     *,
     priority: str | None = None,
     now: datetime | None = None,
+    modality: str = "CT",
+    body_part: str = "HEAD",
 ) -> datetime:
-    """A head CT study that arrived ``minutes_ago`` before ``now``; returns its arrival."""
+    """A study of one series (a head CT unless told) that arrived ``minutes_ago`` before
+    ``now``, already analysed; returns its arrival."""
     arrived = (now or datetime.now(UTC)) - timedelta(minutes=minutes_ago)
     with db.session() as s:
         study_id = s.scalar(
@@ -36,8 +39,8 @@ def add_study(
             insert(SeriesRow).values(
                 study_id=study_id,
                 SeriesInstanceUID=uid + ".1",
-                Modality="CT",
-                BodyPartExamined="HEAD",
+                Modality=modality,
+                BodyPartExamined=body_part,
                 n_instances=1,
                 last_received_at=arrived,
                 state="complete",
