@@ -135,6 +135,19 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
     assert 'class="due-critical">critical' in first_row  # class and deadline shown
     assert 'id="next"' in dom and "Read next" in dom  # the work queue's button
 
+    # A link to one study opens its detail: findings, claim buttons, the router's verdicts.
+    uid = items[0]["StudyInstanceUID"]
+    linked = subprocess.run(
+        [*out.args[:-1], f"{server.http_url}/?live=0#study={uid}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    detail = linked[linked.index('id="detail"') :]
+    assert "FLAGGED" in detail and "Mark read" in detail
+    assert "series considered" in detail and "chosen: axial CT" in detail
+
 
 def test_cli_worklist_json_is_the_api_document(server: Server) -> None:
     api = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
