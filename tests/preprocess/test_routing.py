@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def test_series_facts_from_headers() -> None:
     assert facts.kernel == "H30S" and facts.n_frames == 32
     assert facts.field_of_view_mm == pytest.approx(230.4)
     assert info("1.2", iop=CORONAL).orientation == "coronal"
+    tilt = math.radians(25)  # a head CT tilted along the orbitomeatal line: still axial
+    tilted = [1.0, 0.0, 0.0, 0.0, math.cos(tilt), math.sin(tilt)]
+    assert info("1.3", iop=tilted).orientation == "axial"
+    oblique = math.radians(40)
+    steep = [1.0, 0.0, 0.0, 0.0, math.cos(oblique), math.sin(oblique)]
+    assert info("1.4", iop=steep).orientation == "oblique"
 
 
 def test_localizer_bone_and_soft_tissue_the_soft_tissue_series_is_chosen() -> None:

@@ -35,6 +35,9 @@ __all__ = [
     "series_info_from_headers",
 ]
 
+AXIS_TOLERANCE_DEG = 32.0
+"""A slice normal this close to an axis names the orientation (above: "oblique")."""
+
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _ENHANCED_CT = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 _HEADER_KEYWORDS = (
@@ -78,7 +81,8 @@ class SeriesInfo:
         kernel: ConvolutionKernel (upper case, values joined by "/"), "" when absent.
         slice_thickness_mm: SliceThickness, or the median spacing of the slice positions.
         orientation: "axial", "coronal", "sagittal" or "oblique" from ImageOrientationPatient
-            (the slice normal within 15 degrees of an axis), None when unknown.
+            (the slice normal within ``AXIS_TOLERANCE_DEG`` of an axis: a gantry tilt of up to
+            30 degrees is still axial, and the CT loader corrects it), None when unknown.
         coverage_mm: extent of the slice positions along the slice normal plus one slice,
             None for a single image or when positions are missing.
         field_of_view_mm: ReconstructionDiameter, else PixelSpacing x Columns.
@@ -145,7 +149,7 @@ def _orientation(iop: list[float] | None) -> tuple[str | None, np.ndarray | None
         return None, None
     normal /= norm
     axis = int(np.argmax(np.abs(normal)))
-    if abs(normal[axis]) < math.cos(math.radians(15)):
+    if abs(normal[axis]) < math.cos(math.radians(AXIS_TOLERANCE_DEG)):
         return "oblique", normal
     return ("sagittal", "coronal", "axial")[axis], normal
 
