@@ -133,6 +133,22 @@ def test_series_rules_refuse_with_reasons(changes: dict[str, object], reason: st
     assert any(reason in r for r in verdict.reasons), verdict.reasons
 
 
+@pytest.mark.parametrize(
+    ("agent", "contrast"),
+    [
+        ("NONE", False),
+        ("none", False),
+        ("No contrast", False),
+        ("NATIV", False),
+        ("", False),
+        ("IOPAMIDOL", True),
+        ("OMNIPAQUE 350", True),
+    ],
+)
+def test_contrast_agent_words(agent: str, contrast: bool) -> None:
+    assert info("1.1", ContrastBolusAgent=agent).contrast is contrast
+
+
 def test_a_short_head_series_is_incomplete_not_inapplicable() -> None:
     decision = route_study([info("1.1", 3, BodyPartExamined="HEAD")], MODELS)
     assert not decision.runs

@@ -174,6 +174,38 @@ def _frame_geometry(ds: Dataset) -> tuple[list[float] | None, list[list[float]]]
     return iop, positions
 
 
+# ContrastBolusAgent values that say "no contrast" (scanners fill the attribute with them).
+_NO_CONTRAST = {
+    "",
+    "NONE",
+    "NO",
+    "N",
+    "NA",
+    "N/A",
+    "NIL",
+    "0",
+    "-",
+    "NATIVE",
+    "NATIV",
+    "KEIN",
+    "KEINE",
+    "SANS",
+    "SIN",
+    "NON",
+    "WITHOUT",
+    "W/O",
+    "WO",
+    "PLAIN",
+    "UNENHANCED",
+}
+
+
+def _names_contrast(value: str) -> bool:
+    """True when ContrastBolusAgent names an agent (not empty, not a "none" word)."""
+    text = value.strip().upper()
+    return text not in _NO_CONTRAST and not text.startswith(("NO ", "NONE", "WITHOUT "))
+
+
 def _region_codes(ds: Dataset) -> str:
     codes: list[str] = []
     for item in ds.get("AnatomicRegionSequence", []) or []:
@@ -255,7 +287,7 @@ def series_info_from_headers(headers: Sequence[Dataset]) -> SeriesInfo:
         orientation=orientation,
         coverage_mm=None if coverage is None else round(coverage, 1),
         field_of_view_mm=None if fov is None else round(fov, 1),
-        contrast=bool(str(first.get("ContrastBolusAgent", "") or "").strip()),
+        contrast=_names_contrast(str(first.get("ContrastBolusAgent", "") or "")),
         attributes=text,
     )
 
