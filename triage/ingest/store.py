@@ -525,6 +525,7 @@ class Ingestor:
         now: datetime | None = None,
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
     ) -> IngestOutcome:
         """Validate, store and index one DICOM file given as bytes; never raises.
 
@@ -539,6 +540,7 @@ class Ingestor:
                 now=now,
                 expected_sop_class=expected_sop_class,
                 expected_sop_instance=expected_sop_instance,
+                expected_study=expected_study,
             )
         except Exception as exc:
             log.error("ingest of an instance from %s failed: %s", source, type(exc).__name__)
@@ -555,6 +557,7 @@ class Ingestor:
         now: datetime | None = None,
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
     ) -> IngestOutcome:
         """Validate, store and index one DICOM file given as bytes.
 
@@ -564,6 +567,8 @@ class Ingestor:
             source: where it came from (``dicom:<calling AE>``, ``stow:<peer>``, ``import``);
                 logged and recorded, no patient data.
             now: arrival time (defaults to now, UTC).
+            expected_study: the study a STOW-RS request names in its URL; an instance of
+                another study is refused with 0xA900.
             expected_sop_class / expected_sop_instance: the C-STORE request's affected SOP
                 class and instance; a data set that disagrees is refused with 0xA900.
 
@@ -627,6 +632,11 @@ class Ingestor:
             return reject(
                 StoreStatus.dataset_does_not_match_sop_class,
                 "SOPInstanceUID in the data set differs from the C-STORE request's",
+            )
+        if expected_study and str(ds.StudyInstanceUID) != expected_study:
+            return reject(
+                StoreStatus.dataset_does_not_match_sop_class,
+                "StudyInstanceUID differs from the study in the request URL",
             )
         problem = check_image_size(ds, self.max_pixel_bytes)
         if problem:

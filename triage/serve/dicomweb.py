@@ -44,9 +44,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from io import BytesIO
 
-import pydicom
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from pydicom.dataset import Dataset
@@ -65,7 +63,6 @@ _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MAX_HEADER_BYTES = 64 * 1024  # a part's header block; larger is not a real header
 _IDENTITY_ENCODINGS = {"", "binary", "8bit", "7bit"}
 UNSUPPORTED_PART_REASON = "unsupported part media type (only application/dicom parts are stored)"
-STUDY_MISMATCH_REASON = "StudyInstanceUID differs from the study in the STOW-RS request URL"
 
 
 class MultipartError(ValueError):
@@ -247,37 +244,6 @@ def _uid_or_none(value: object) -> str | None:
     return text if is_uid(text) else None
 
 
-def _study_mismatch(data: bytes, study_uid: str) -> tuple[str | None, str | None] | None:
-    """(SOP class, SOP instance) when the data set names another study; None when it
-    matches or cannot be read (then the ingest rejects it with its own reason)."""
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
-        found = ds.get("StudyInstanceUID")
-        if found is None or str(found).strip("\0 ") == study_uid:
-            return None
-        return _uid_or_none(ds.get("SOPClassUID")), _uid_or_none(ds.get("SOPInstanceUID"))
-    except Exception:  # any unreadable header is for the ingest to judge
-        return None
-
-
-def _refuse(
-    ingestor: Ingestor,
-    data: bytes,
-    *,
-    source: str,
-    reason: str,
-    status: StoreStatus,
-    sop_class: str | None = None,
-    sop_instance: str | None = None,
-) -> IngestOutcome:
-    """Keep a part that is not stored in quarantine, so that nothing is silently dropped."""
-    qid = ingestor.keep(data, source=source, reason=reason, status=status, now=datetime.now(UTC))
-    log.warning("STOW-RS part from %s refused (quarantine #%s): %s", source, qid, reason)
-    return IngestOutcome(
-        status, reason, SOPInstanceUID=sop_instance, SOPClassUID=sop_class, quarantine_id=qid
-    )
-
-
 def store_parts(
     ingestor: Ingestor,
     body: bytes | bytearray,
@@ -292,39 +258,14 @@ def store_parts(
         with memoryview(body) as view:
             data = bytes(view[part.start : part.end])  # one copy, one part at a time
         if part.media_type != _DICOM or part.transfer_encoding not in _IDENTITY_ENCODINGS:
-            outcomes.append(
-                _refuse(
-                    ingestor,
-                    data,
-                    source=source,
-                    reason=UNSUPPORTED_PART_REASON,
-                    status=StoreStatus.cannot_understand,
-                )
-            )
+            # Not stored, but kept in quarantine: nothing is silently dropped.
+            reason, status = UNSUPPORTED_PART_REASON, StoreStatus.cannot_understand
+            now = datetime.now(UTC)
+            qid = ingestor.keep(data, source=source, reason=reason, status=status, now=now)
+            log.warning("STOW-RS part from %s refused (quarantine #%s): %s", source, qid, reason)
+            outcomes.append(IngestOutcome(status, reason, quarantine_id=qid))
             continue
-        if study_uid is not None:
-            mismatch = _study_mismatch(data, study_uid)
-            if mismatch is not None:
-                outcomes.append(
-                    _refuse(
-                        ingestor,
-                        data,
-                        source=source,
-                        reason=STUDY_MISMATCH_REASON,
-                        status=StoreStatus.dataset_does_not_match_sop_class,
-                        sop_class=mismatch[0],
-                        sop_instance=mismatch[1],
-                    )
-                )
-                continue
-        try:
-            outcomes.append(ingestor.ingest(data, source=source))
-        except Exception as exc:  # not bad input (that never raises): the database or disk
-            # Only the type: messages of database errors can quote attribute values.
-            log.error("STOW-RS part from %s not stored: %s", source, type(exc).__name__)
-            outcomes.append(
-                IngestOutcome(StoreStatus.out_of_resources, f"not stored: {type(exc).__name__}")
-            )
+        outcomes.append(ingestor.ingest(data, source=source, expected_study=study_uid))
     return outcomes
 
 
