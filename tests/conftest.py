@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import pytest
 
 if TYPE_CHECKING:
     from triage.db import Database
+    from triage.serve.launcher import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = (REPO_ROOT.parent / "shared").resolve()
@@ -190,3 +192,19 @@ def db(database_url: str) -> Iterator[Database]:
         yield database
     finally:
         database.dispose()
+
+
+@contextmanager
+def running_server(data_dir: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
+    """``triage serve`` in a child process for the block; a failed start fails the test."""
+    from triage.serve.launcher import ServerProcess
+
+    server = ServerProcess(data_dir, env)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import running_server
 from triage.demo.run import dcmtk_env, storescu_commands
 from triage.serve.launcher import ServerProcess
 
@@ -36,12 +37,5 @@ def server(
         "TRIAGE_DEVICE": "cpu",
         "TRIAGE_SERIES_QUIET_SECONDS": "1.5",
     }
-    srv = ServerProcess(tmp_path_factory.mktemp("triage-data"), env)
-    try:
-        srv.start()
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
+    with running_server(tmp_path_factory.mktemp("triage-data"), env) as srv:
         yield srv
-    finally:
-        srv.stop()

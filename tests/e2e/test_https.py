@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from triage.serve.launcher import ServerProcess
+from tests.conftest import running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ def test_api_over_https(tmp_path: Path, tls_files: dict[str, Path]) -> None:
         "TRIAGE_HTTPS_KEY": str(tls_files["server.key"]),
         "TRIAGE_SERIES_QUIET_SECONDS": "3600",
     }
-    with ServerProcess(tmp_path / "data", env) as srv:
+    with running_server(tmp_path / "data", env) as srv:
         assert srv.http_url.startswith("https://")
         ok = httpx.get(f"{srv.http_url}/api/health", verify=str(tls_files["ca.pem"]))
         assert ok.status_code == 200

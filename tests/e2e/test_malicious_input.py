@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from tests.conftest import pydicom_file, run_cli
+from tests.conftest import pydicom_file, run_cli, running_server
 from triage.serve.launcher import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -65,7 +65,7 @@ def malicious_files() -> dict[str, tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("malicious")
-    with ServerProcess(root / "data", {"TRIAGE_SERIES_QUIET_SECONDS": "3600"}) as srv:
+    with running_server(root / "data", {"TRIAGE_SERIES_QUIET_SECONDS": "3600"}) as srv:
         yield srv
 
 

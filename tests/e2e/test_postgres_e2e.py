@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import running_server
 from tests.e2e.conftest import send
 from triage.demo.xray import write_demo_radiograph
-from triage.serve.launcher import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,7 @@ def test_serve_on_postgresql(database_url: str, tmp_path: Path, storescu: str) -
     if not database_url.startswith("postgresql"):
         pytest.skip("runs on PostgreSQL only (set TRIAGE_TEST_POSTGRES_URL)")
     env = {"TRIAGE_DATABASE_URL": database_url, "TRIAGE_SERIES_QUIET_SECONDS": "0.5"}
-    with ServerProcess(tmp_path / "data", env) as server:
+    with running_server(tmp_path / "data", env) as server:
         xray = write_demo_radiograph(tmp_path / "xray")
         send(storescu, server, xray)
         deadline = time.monotonic() + 60

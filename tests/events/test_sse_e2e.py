@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import uvicorn
 
-from tests.conftest import pydicom_file, run_cli
+from tests.conftest import pydicom_file, run_cli, running_server
 from triage.db import Database
 from triage.events import outbox
 from triage.serve.app import create_app
@@ -104,15 +104,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "TRIAGE_EVENTS_POLL_SECONDS": "0.1",
         "TRIAGE_EVENTS_KEEPALIVE_SECONDS": "0.5",
     }
-    srv = ServerProcess(tmp_path_factory.mktemp("triage-data"), env)
-    try:
-        srv.start()
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
+    with running_server(tmp_path_factory.mktemp("triage-data"), env) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_live_events_and_resume(server: ServerProcess, tmp_path: Path) -> None:

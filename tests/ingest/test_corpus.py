@@ -29,7 +29,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, running_server
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow
 from triage.demo.run import STORESCU_PROPOSE
@@ -250,7 +250,7 @@ def test_triage_import_of_the_corpus(tmp_path: Path, corpus_dir: Path) -> None:
 
 @pytest.fixture()
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path / "data", {"TRIAGE_SERIES_QUIET_SECONDS": "3600"}) as srv:
+    with running_server(tmp_path / "data", {"TRIAGE_SERIES_QUIET_SECONDS": "3600"}) as srv:
         yield srv
 
 
