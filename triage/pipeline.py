@@ -31,8 +31,6 @@ from triage.results import Overlay
 
 log = logging.getLogger(__name__)
 
-ROUTING_KEYWORDS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
-
 
 @dataclass
 class SeriesFiles:
@@ -40,7 +38,6 @@ class SeriesFiles:
 
     SeriesInstanceUID: str
     paths: list[Path]
-    header: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,8 +62,7 @@ class StudyAnalysis:
 def read_header(path: Path) -> dict[str, str]:
     """The attributes that group a file into its study and series (pixels not read)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    keys = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", *ROUTING_KEYWORDS)
-    return {k: str(ds.get(k, "") or "") for k in keys}
+    return {k: str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID")}
 
 
 class Analyzer:
@@ -224,7 +220,7 @@ def group_files(paths: Iterable[Path]) -> dict[str, list[SeriesFiles]]:
             continue
         key = (header["StudyInstanceUID"], header["SeriesInstanceUID"])
         if key not in series:
-            series[key] = SeriesFiles(header["SeriesInstanceUID"], [], header)
+            series[key] = SeriesFiles(header["SeriesInstanceUID"], [])
         series[key].paths.append(f)
     studies: dict[str, list[SeriesFiles]] = defaultdict(list)
     for (study_uid, _), se in series.items():
