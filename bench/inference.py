@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from triage.models.haemorrhage import HaemorrhageModel
-from triage.models.spec import BLAST_CT_V1
+from triage.models.haemorrhage import BLAST_CT_V1, HaemorrhageModel
 from triage.models.store import ModelStore
 from triage.preprocess.ct import prepare_head_ct
 

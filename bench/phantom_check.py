@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from triage.demo.phantom import PhantomSpec, head_ct_phantom, write_head_ct_series
-from triage.models.haemorrhage import HaemorrhageModel, to_finding
-from triage.models.spec import BLAST_CT_V1
+from triage.models.haemorrhage import BLAST_CT_V1, HaemorrhageModel, to_finding
 from triage.models.store import ModelStore
 from triage.preprocess.ct import prepare_head_ct
 

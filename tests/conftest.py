@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from triage.analysis import Analyzer
     from triage.db import Database
+    from triage.models.registry import Factory
     from triage.serve.launcher import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,52 @@ def weights_mirror() -> Path:
     if not (WEIGHTS_DIR / "blast-ct-v1" / "model_1.pt").is_file():
         pytest.skip(f"pretrained weights not available under {WEIGHTS_DIR}")
     return WEIGHTS_DIR
+
+
+CHEST_MODEL = "xrv-densenet121-res224-all"
+
+
+def write_chest_weights(mirror: Path, seed: int = 0) -> str:
+    """The chest model's network with random weights, saved the way the real file is (a whole
+    pickled module, ``torch.save(model)``) under ``<mirror>/<model>/<file>``; returns its
+    sha256."""
+    import hashlib
+
+    import torch
+    import torchxrayvision as xrv
+
+    from triage.models.catalog import builtin_spec
+
+    spec = builtin_spec(CHEST_MODEL)
+    torch.manual_seed(seed)
+    net = xrv.models.DenseNet(weights=None)
+    path = mirror / spec.name / spec.weights[0].filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_analyzer(
+    cache_dir: Path,
+    mirror: Path | None = None,
+    *,
+    factories: dict[str, str | Factory] | None = None,
+    models: list[str] | None = None,
+) -> Analyzer:
+    """The installed models on CPU with a store that never downloads (``mirror`` or none);
+    ``factories`` replaces the implementation of a spec kind (e.g. one that fails)."""
+    from triage.analysis import Analyzer
+    from triage.models.catalog import load_specs
+    from triage.models.registry import FACTORIES, ModelRegistry, RuntimeOptions
+    from triage.models.store import ModelStore
+
+    store = ModelStore(cache_dir, mirror, allow_download=False)
+    registry = ModelRegistry(
+        load_specs(None, models),
+        RuntimeOptions(store=store, device="cpu"),
+        {**FACTORIES, **(factories or {})},
+    )
+    return Analyzer(registry)
 
 
 def pydicom_file(name: str) -> Path:

@@ -53,10 +53,15 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 def serve(verbose: Verbose = False) -> None:
     """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*)."""
     _setup_logging(verbose)
+    from triage.models.spec import SpecError
     from triage.serve.server import TriageService
 
     settings = Settings()
-    service = TriageService(settings)
+    try:
+        service = TriageService(settings)
+    except SpecError as exc:
+        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(
         f"[bold]triage[/] DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
         f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}",
@@ -88,6 +93,53 @@ def print_worklist(doc: dict[str, Any]) -> None:
             style=style,
         )
     console.print(table)
+
+
+@app.command("models")
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the installed models: what each reads, its findings and thresholds, the state of
+    its weights and the device it would run on."""
+    from triage.analysis import Analyzer
+    from triage.models.device import cpu_info
+    from triage.models.spec import SpecError
+
+    settings = Settings()
+    try:
+        registry = Analyzer.from_settings(settings).registry
+        models = registry.inventory()
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    cpu = cpu_info()
+    doc = {"models": models, "cpu": cpu, "mirror": settings.model_mirror}
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    table = Table(title="Installed models")
+    for column in ("model", "reads", "findings (threshold, class)", "weights", "runs on"):
+        table.add_column(column)
+    for m in models:
+        findings = "\n".join(
+            f"{f['code']} >= {f['threshold']:g} {f['unit']}"
+            + (f" -> {f['escalate_to']}" if f["escalate_to"] else "")
+            for f in m["findings"]
+        )
+        runtime = m["runtime"]
+        members = runtime.get("members")
+        runs_on = f"{runtime.get('device', '?')} {runtime.get('precision', '')}".strip()
+        if members:
+            runs_on += f", members {','.join(str(n) for n in members)}"
+        table.add_row(
+            f"{m['name']}\n{m['version']}", m["accepts"], findings, m["weights_state"], runs_on
+        )
+    console.print(table)
+    console.print(
+        f"CPU: {cpu['model']} (AMX {'yes' if cpu['amx'] else 'no'}, "
+        f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'})",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -201,14 +253,20 @@ def predict(
 ) -> None:
     """Run preprocessing and the models on DICOM files without a server."""
     _setup_logging(verbose)
-    from triage.pipeline import Analyzer, group_files
+    from triage.analysis import Analyzer, group_files
 
     settings = Settings()
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
         raise typer.Exit(2)
-    analyzer = Analyzer.from_settings(settings)
+    from triage.models.spec import SpecError
+
+    try:
+        analyzer = Analyzer.from_settings(settings)
+    except SpecError as exc:
+        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     studies = group_files(paths)
     if not studies:
         console.print("[red]no DICOM files found[/]")
@@ -220,9 +278,16 @@ def predict(
         return
     for r in results:
         console.print(f"[bold]{r['StudyInstanceUID']}[/]: {r['ai_status']} {r['error'] or ''}")
+        for run in r["runs"]:
+            if run["error"]:
+                console.print(f"  {run['model']}: {run['status']} {run['error']}")
         for f in r["findings"]:
             vols = ", ".join(f"{k} {v:.2f} ml" for k, v in f["volumes_ml"].items())
-            console.print(f"  {f['finding']}: flag={f['flag']} score={f['score']:.3f} ({vols})")
+            extra = f" severity={f['severity']}" if f.get("severity") else ""
+            console.print(
+                f"  {f['finding']} ({f['model']['name']}): flag={f['flag']} "
+                f"score={f['score']:.3f}{extra}" + (f" ({vols})" if vols else "")
+            )
 
 
 @app.command("simulate")

@@ -84,11 +84,16 @@ class Settings(BaseSettings):
         default=None, description="Where verified weights are cached; default <data_dir>/models."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Compute precision of the segmentation models; auto: bf16 on a CUDA GPU"
+        " and on a CPU that computes bf16 natively (AVX512-BF16 or AMX), else fp32.",
+    )
     ensemble_members: int | None = Field(
         default=None,
         ge=1,
         le=12,
-        description="Haemorrhage ensemble size; default 1 on CPU, 12 on CUDA.",
+        description="Ensemble size of ensemble models; default 1 on CPU, all (12) on CUDA.",
     )
     policy_file: Path | None = Field(
         default=None,
@@ -108,8 +113,24 @@ class Settings(BaseSettings):
         " (and again when it goes quiet).",
     )
     worker_poll_seconds: float = Field(default=0.5, gt=0)
-    ich_threshold_ml: float | None = Field(
-        default=None, ge=0, description="Override the haemorrhage flag threshold (ml)."
+    models: list[str] = Field(
+        default_factory=list,
+        description="Names of the installed models to run (`triage models`); empty: all.",
+    )
+    model_specs_dir: Path | None = Field(
+        default=None,
+        description="A folder of the site's own model spec files (*.json); a spec named like a"
+        " shipped one replaces it.",
+    )
+    weight_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description='The site\'s sha256 pins, {"<model>/<file>": "<sha256>"}, for weight files'
+        " whose spec publishes none (e.g. the chest X-ray model's).",
+    )
+    finding_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description='Flag thresholds per finding, {"intracranial_haemorrhage": 1.0} (ml for'
+        " volumes, calibrated score for classifiers); default: each model spec's.",
     )
     events_publish_seconds: float = Field(
         default=1.0,

@@ -18,39 +18,49 @@ class AIStatus(enum.StrEnum):
     ok = "ok"
     no_applicable_model = "no_applicable_model"
     incomplete_series = "incomplete_series"
+    partial = "partial"  # some models gave findings, at least one failed
     failed = "failed"
 
 
-class FindingCode(enum.StrEnum):
-    """Study-level findings the models can raise."""
+class Severity(enum.StrEnum):
+    """How severe a flagged finding is, where its model can tell (orders critical studies)."""
 
-    intracranial_haemorrhage = "intracranial_haemorrhage"
-
-
-class ReasonCode(enum.StrEnum):
-    """Why a worklist item sits where it is."""
-
-    arrival = "arrival"
-    priority_stat = "order:stat"
-    priority_urgent = "order:urgent"
-    ai_intracranial_haemorrhage = "ai:intracranial_haemorrhage"
+    high = "high"
+    standard = "standard"
 
 
-# Lesion classes of the haemorrhage model, in output-index order after background.
-HAEMORRHAGE_CLASSES: tuple[str, ...] = ("IPH", "EAH", "oedema", "IVH")
-# The classes that count as blood for the study-level flag (oedema does not).
-BLOOD_CLASSES: tuple[str, ...] = ("IPH", "EAH", "IVH")
+SEVERITY_RANK: dict[str | None, int] = {Severity.high.value: 0, Severity.standard.value: 1}
+"""Sort rank of a severity (lower first); a finding without one ranks with ``standard``."""
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Which model (and version) produced a finding."""
+    """Which model, version and weight files produced a finding.
+
+    Attributes:
+        name: the model's name.
+        version: its version.
+        weights_sha256: SHA-256 of each weight file used (ensemble members in run order).
+    """
 
     name: str
     version: str
+    weights_sha256: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "weights_sha256": list(self.weights_sha256),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelRef:
+        return cls(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            weights_sha256=tuple(str(h) for h in data.get("weights_sha256") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,10 +71,12 @@ class Finding:
         finding: the finding code.
         flag: True when the finding is considered present (raises priority).
         score: confidence in [0, 1].
-        volumes_ml: lesion volume per class in millilitres.
-        max_probability: highest voxel probability per class, in [0, 1].
+        volumes_ml: lesion volume per class in millilitres (segmentation models).
         model: the model that produced it.
+        max_probability: highest voxel probability per class, in [0, 1].
         details: extra model-specific facts (threshold used, members, timing).
+        severity: ``high`` or ``standard`` where the model grades it (see
+            :class:`Severity`), None otherwise.
     """
 
     finding: str
@@ -74,6 +86,7 @@ class Finding:
     model: ModelRef
     max_probability: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    severity: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +97,7 @@ class Finding:
             "max_probability": dict(self.max_probability),
             "model": self.model.to_json(),
             "details": dict(self.details),
+            "severity": self.severity,
         }
 
     @classmethod
@@ -93,9 +107,10 @@ class Finding:
             flag=bool(data["flag"]),
             score=float(data["score"]),
             volumes_ml={k: float(v) for k, v in data["volumes_ml"].items()},
-            model=ModelRef(**data["model"]),
+            model=ModelRef.from_json(data["model"]),
             max_probability={k: float(v) for k, v in data.get("max_probability", {}).items()},
             details=dict(data.get("details", {})),
+            severity=data.get("severity"),
         )
 
 

@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import select
 
 from tests.jobs.test_worker import receive
+from triage.analysis import SeriesFiles, StudyAnalysis
 from triage.db import Database
 from triage.db.tables import EventRow, FindingRow, JobRow
 from triage.domain import AIStatus, Finding, ModelRef
 from triage.events import outbox
 from triage.jobs.worker import Worker
-from triage.pipeline import SeriesFiles, StudyAnalysis
 from triage.worklist.priority import FindingRule, PolicyConfig
 
 
@@ -76,7 +76,7 @@ def test_flagged_critical_finding_is_alerted_once(tmp_path: Path) -> None:
     assert payload["AccessionNumber"] == "ACC-42"
     assert payload["finding"] == "intracranial_haemorrhage" and payload["score"] == 0.95
     assert payload["volumes_ml"]["IPH"] == 14.2
-    assert payload["model"] == {"name": "blast-ct-v1", "version": "1.0"}
+    assert payload["model"] == {"name": "blast-ct-v1", "version": "1.0", "weights_sha256": []}
     assert payload["time"] and payload["priority_class"] == "critical"
     text = str(payload)  # CT_small.dcm's patient: CompressedSamples^CT1, ID 1CT1
     assert "CompressedSamples" not in text and "1CT1" not in text

@@ -10,19 +10,18 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import pydicom_file
+from tests.conftest import make_analyzer, pydicom_file
 from triage.db import Database
 from triage.db.tables import JobRow, StudyRow
 from triage.ingest.assembly import complete_quiet_series
 from triage.ingest.store import ingest_instance
 from triage.jobs.worker import Worker
-from triage.pipeline import Analyzer
 
 
 @pytest.fixture()
 def worker(tmp_path: Path, db: Database) -> Worker:
-    # No mirror and downloads to a closed port: any attempt to load weights fails loudly.
-    analyzer = Analyzer(model_cache_dir=tmp_path / "models", model_mirror=str(tmp_path / "none"))
+    # An empty mirror and no downloads: any attempt to load weights fails loudly.
+    analyzer = make_analyzer(tmp_path / "models", tmp_path / "none")
     return Worker(db=db, analyzer=analyzer, results_dir=tmp_path / "results", quiet_seconds=1)
 
 
@@ -51,15 +50,33 @@ def receive(
         assert complete_quiet_series(worker.db, quiet_seconds=1)
 
 
-def test_radiograph_gets_no_applicable_model(worker: Worker, tmp_path: Path) -> None:
-    receive(worker, tmp_path, "RG1_UNCR.dcm")
+def test_extremity_radiograph_gets_no_applicable_model(worker: Worker, tmp_path: Path) -> None:
+    receive(worker, tmp_path, "RG3_UNCR.dcm")  # an AP knee: no model reads extremities
     assert worker.run_one()
     assert not worker.run_one()  # nothing else queued
     with worker.db.session() as s:
         study = s.scalars(select(StudyRow)).one()
         assert study.ai_status == "no_applicable_model"
-        assert study.routing and "CR" in study.routing["reason"]
+        assert study.routing and "reads CR/DX CHEST" in study.routing["reason"]
+        assert "EXTREMITY" in study.routing["reason"]
         assert s.scalars(select(JobRow.state)).one() == "done"
+
+
+def test_chest_radiograph_without_weights_fails_naming_the_file(
+    worker: Worker, tmp_path: Path
+) -> None:
+    receive(worker, tmp_path, "RG1_UNCR.dcm")  # a PA chest: the chest model reads it
+    assert worker.run_one()
+    with worker.db.session() as s:
+        study = s.scalars(select(StudyRow)).one()
+        assert study.ai_status == "failed"
+        assert study.ai_error
+        assert "xrv-densenet121-res224-all/nih-pc-chex-mimic" in study.ai_error
+        assert "TRIAGE_MODEL_MIRROR" in study.ai_error
+        assert study.routing and study.routing["model"] == "xrv-densenet121-res224-all"
+        (chest,) = [m for m in study.routing["models"] if m["run"]]
+        assert chest["status"] == "failed" and "TRIAGE_MODEL_MIRROR" in chest["error"]
+        assert s.scalars(select(JobRow.state)).one() == "failed"
 
 
 def test_a_single_head_ct_slice_is_an_incomplete_series(worker: Worker, tmp_path: Path) -> None:
@@ -102,7 +119,7 @@ def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Pa
 
 
 def test_interrupted_jobs_are_requeued(worker: Worker, tmp_path: Path) -> None:
-    receive(worker, tmp_path, "RG1_UNCR.dcm")
+    receive(worker, tmp_path, "RG3_UNCR.dcm")
     claimed = worker.claim()
     assert claimed is not None
     assert worker.claim() is None  # running jobs are not handed out twice

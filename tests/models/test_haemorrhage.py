@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from triage.domain import FindingCode
 from triage.models.deepmedic import DeepMedic
 from triage.models.haemorrhage import (
+    BLAST_CT_V1,
     HaemorrhageModel,
     HaemorrhageResult,
-    ModelInputError,
     blood_score,
     default_members,
     plan_tiles,
     to_finding,
 )
-from triage.models.spec import BLAST_CT_V1
 from triage.models.store import ModelStore, ModelWeightsError
+from triage.preprocess.errors import InputContractError
 
 
 def _phantom(shape: tuple[int, int, int] = (20, 26, 24)) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +67,7 @@ def model(tmp_path: Path) -> HaemorrhageModel:
 def test_contract_violations(
     model: HaemorrhageModel, hu: np.ndarray, kwargs: dict, match: str
 ) -> None:
-    with pytest.raises(ModelInputError, match=match):
+    with pytest.raises(InputContractError, match=match):
         model.predict(hu.astype(hu.dtype), **kwargs)
 
 
@@ -76,15 +75,15 @@ def test_contract_nan_and_masks(model: HaemorrhageModel) -> None:
     hu, mask = _phantom()
     bad = hu.copy()
     bad[3, 3, 3] = np.nan
-    with pytest.raises(ModelInputError, match="NaN"):
+    with pytest.raises(InputContractError, match="NaN"):
         model.predict(bad)
-    with pytest.raises(ModelInputError, match="shape"):
+    with pytest.raises(InputContractError, match="shape"):
         model.predict(hu, mask[:-1])
-    with pytest.raises(ModelInputError, match="empty"):
+    with pytest.raises(InputContractError, match="empty"):
         model.predict(hu, np.zeros_like(mask))
-    with pytest.raises(ModelInputError, match="bool"):
+    with pytest.raises(InputContractError, match="bool"):
         model.predict(hu, mask.astype(np.float32))
-    assert issubclass(ModelInputError, ValueError)
+    assert issubclass(InputContractError, ValueError)
 
 
 def test_configuration_errors(tmp_path: Path) -> None:
@@ -112,8 +111,8 @@ def test_missing_weights_raise_model_weights_error(tmp_path: Path) -> None:
     empty.mkdir()
     spec = dataclasses.replace(
         BLAST_CT_V1,
-        artifacts=tuple(
-            dataclasses.replace(a, url="http://127.0.0.1:9/none.pt") for a in BLAST_CT_V1.artifacts
+        weights=tuple(
+            dataclasses.replace(a, url="http://127.0.0.1:9/none.pt") for a in BLAST_CT_V1.weights
         ),
     )
     model = HaemorrhageModel(
@@ -165,7 +164,7 @@ def test_predict_pipeline_tiling_ensemble_and_volumes() -> None:
     np.testing.assert_allclose(a.probabilities.astype(np.float32).sum(0), 1.0, atol=5e-3)
     assert (a.labels[~mask] == 0).all() and (a.probabilities[0][~mask] == 1).all()
     # Volumes are voxel counts x 1 ml / 1000.
-    for index, name in enumerate(BLAST_CT_V1.output_classes[1:], start=1):
+    for index, name in enumerate(BLAST_CT_V1.outputs[1:], start=1):
         assert a.volumes_ml[name] == pytest.approx((a.labels == index).sum() / 1000.0)
         assert a.max_probability[name] == pytest.approx(
             float(a.probabilities[index].max()), abs=1e-3
@@ -186,7 +185,7 @@ def _result(labels: np.ndarray, blood_p: float) -> HaemorrhageResult:
     probs[1][lesion] = blood_p
     volumes = {
         name: float((labels == i).sum()) / 1000
-        for i, name in enumerate(BLAST_CT_V1.output_classes)
+        for i, name in enumerate(BLAST_CT_V1.outputs)
         if i > 0
     }
     return HaemorrhageResult(
@@ -194,7 +193,7 @@ def _result(labels: np.ndarray, blood_p: float) -> HaemorrhageResult:
         probabilities=probs.astype(np.float16),
         volumes_ml=volumes,
         max_probability={
-            k: float(probs[i].max()) for i, k in enumerate(BLAST_CT_V1.output_classes) if i > 0
+            k: float(probs[i].max()) for i, k in enumerate(BLAST_CT_V1.outputs) if i > 0
         },
         spacing_mm=(1.0, 1.0, 1.0),
         members=(1,),
@@ -209,12 +208,13 @@ def test_to_finding_flag_and_score() -> None:
     labels[10:20, 10:20, 10:20] = 1  # 1000 voxels = 1.0 ml of IPH
     result = _result(labels, blood_p=0.9)
     finding = to_finding(result)
-    assert finding.finding == FindingCode.intracranial_haemorrhage
+    assert finding.finding == "intracranial_haemorrhage"
     assert finding.flag is True
     assert finding.volumes_ml["IPH"] == pytest.approx(1.0)
     assert finding.score == pytest.approx(0.9, abs=1e-3)
     assert finding.model.name == "blast-ct-v1"
-    assert finding.details["threshold_ml"] == BLAST_CT_V1.flag_threshold_ml
+    expected = BLAST_CT_V1.finding("intracranial_haemorrhage").threshold
+    assert finding.details["threshold_ml"] == expected
     # Above the lesion's volume: not flagged, and the score drops (fewer voxels qualify).
     high = to_finding(result, threshold_ml=2.0)
     assert high.flag is False and high.score < finding.score
@@ -227,3 +227,31 @@ def test_to_finding_flag_and_score() -> None:
     assert type(finding).from_json(finding.to_json()) == finding
     with pytest.raises(ValueError):
         to_finding(result, threshold_ml=0)
+
+
+def test_severity_volume_ivh_and_largest_lesion() -> None:
+    labels = np.zeros((60, 60, 60), dtype=np.uint8)
+    labels[5:15, 5:15, 5:15] = 1  # 1 ml of IPH
+    labels[30:40, 30:40, 30:35] = 1  # 0.5 ml more IPH, apart from the first
+    small = to_finding(_result(labels, 0.9))
+    assert small.flag and small.severity == "standard"
+    assert small.details["blood_volume_ml"] == pytest.approx(1.5)
+    assert small.details["largest_lesion_ml"] == pytest.approx(1.0)
+    assert small.details["intraventricular_extension"] is False
+    assert small.details["severity_reasons"] == []
+
+    ivh = labels.copy()
+    ivh[14:16, 5:15, 5:15] = 4  # 0.2 ml of IVH touching the first haematoma
+    ivh[16:20, 5:15, 5:15] = 4  # 0.4 ml more: 0.6 ml of IVH
+    graded = to_finding(_result(ivh, 0.9))
+    assert graded.severity == "high"
+    assert graded.details["intraventricular_extension"] is True
+    assert graded.details["largest_lesion_ml"] == pytest.approx(1.5)  # IPH + its IVH, one region
+    assert any("intraventricular" in r for r in graded.details["severity_reasons"])
+
+    big = np.zeros((60, 60, 60), dtype=np.uint8)
+    big[0:30, 0:30, 0:34] = 1  # 30.6 ml
+    large = to_finding(_result(big, 0.9))
+    assert large.severity == "high" and large.details["blood_volume_ml"] >= 30
+    # Unflagged findings carry no severity.
+    assert to_finding(_result(labels, 0.9), threshold_ml=5.0).severity is None

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from triage.models.spec import BLAST_CT_V1, WeightArtifact
+from triage.models.haemorrhage import BLAST_CT_V1
+from triage.models.spec import WeightArtifact
 from triage.models.store import ModelStore, ModelWeightsError, sha256_file
 
 SPEC = "blast-ct-v1"
@@ -48,8 +49,8 @@ def _leftovers(cache: Path) -> list[Path]:
 
 
 def test_spec_pins_twelve_members() -> None:
-    assert len(BLAST_CT_V1.artifacts) == 12
-    for n, artifact in enumerate(BLAST_CT_V1.artifacts, start=1):
+    assert len(BLAST_CT_V1.weights) == 12
+    for n, artifact in enumerate(BLAST_CT_V1.weights, start=1):
         assert artifact.filename == f"model_{n}.pt"
         assert artifact.url.startswith("https://raw.githubusercontent.com/biomedia-mira/")
         assert "549168693c76638dfe6690164ec1aba1c0fdf625" in artifact.url
@@ -155,7 +156,7 @@ def test_read_verified_returns_checked_bytes(tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     artifact = _tiny_artifact(mirror)
     store = ModelStore(tmp_path / "cache", mirror=mirror)
-    data = store.read_verified(SPEC, artifact)
-    assert hashlib.sha256(data).hexdigest() == artifact.sha256
+    data, sha256 = store.read_verified(SPEC, artifact)
+    assert hashlib.sha256(data).hexdigest() == artifact.sha256 == sha256
     shutil.rmtree(mirror)
-    assert store.read_verified(SPEC, artifact) == data  # from the cache now
+    assert store.read_verified(SPEC, artifact) == (data, sha256)  # from the cache now

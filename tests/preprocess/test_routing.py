@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from triage.models.spec import BLAST_CT_V1, INSTALLED_MODELS
+from triage.models.catalog import builtin_specs
+from triage.models.haemorrhage import BLAST_CT_V1
 from triage.preprocess.routing import body_regions, route_study
 from triage.preprocess.series import (
     SeriesInfo,
@@ -24,7 +25,7 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 CR = "1.2.840.10008.5.1.4.1.1.1"
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 CORONAL = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
-MODELS = [(spec.name, spec.accepts) for spec in INSTALLED_MODELS]
+MODELS = [(spec.name, spec.accepts) for spec in builtin_specs()]
 
 
 def headers(

@@ -31,7 +31,7 @@ from pydicom.uid import (
 from tests.conftest import pydicom_file
 from triage.preprocess.ct import PreprocessError
 from triage.preprocess.xray import (
-    ContractError,
+    InputContractError,
     ResizeGeometry,
     ResizeWithAspect,
     ResizeWithAspectd,
@@ -516,9 +516,9 @@ def test_contract_accepts_a_good_input() -> None:
 )
 def test_contract_failures(make: Callable[[np.ndarray], Any], kwargs: Any, match: str) -> None:
     good = np.linspace(0, 1, 48, dtype=np.float32).reshape(1, 8, 6)
-    with pytest.raises(ContractError, match=match):
+    with pytest.raises(InputContractError, match=match):
         check_xray_input(make(good), size=(8, 6), **kwargs)
-    assert issubclass(ContractError, PreprocessError)
+    assert issubclass(InputContractError, PreprocessError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from triage.worklist.priority import (
     classify,
     place,
     rank_studies,
+    severity,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -28,6 +30,7 @@ findings = st.builds(
     score=st.floats(0.0, 1.0),
     volumes_ml=st.just({}),
     model=st.just(MODEL),
+    severity=st.sampled_from([None, "high", "standard"]),
 )
 contexts = st.builds(
     StudyContext,
@@ -65,6 +68,44 @@ def test_ai_never_lowers_a_study(studies: list[StudyContext], data: st.DataObjec
     cls_with, _ = classify(target)
     cls_without, _ = classify(without_ai(target))
     assert CLASSES.index(cls_with) <= CLASSES.index(cls_without)
+
+
+def without_severity(ctx: StudyContext) -> StudyContext:
+    graded = tuple(dataclasses.replace(f, severity=None) for f in ctx.findings)
+    return dataclasses.replace(ctx, findings=graded)
+
+
+@given(worklists, configs)
+@settings(max_examples=200, deadline=None)
+def test_a_severe_critical_study_never_ranks_below_a_non_severe_one(
+    studies: list[StudyContext], config: PolicyConfig
+) -> None:
+    """Among critical studies (one deadline tier), a study with a finding graded high comes
+    before every critical study without one, whatever their deadlines and arrivals."""
+    by_uid = {c.StudyInstanceUID: c for c in studies}
+    placed = rank_studies(studies, NOW, config)
+    critical = [p for p in placed if p.tier == "critical"]
+    grades = [severity(by_uid[p.StudyInstanceUID], config) for p in critical]
+    for i, grade in enumerate(grades):
+        if grade == "high":
+            assert all(g == "high" for g in grades[:i]), grades
+            assert "severity:high" in critical[i].reasons
+
+
+@given(worklists, st.data())
+@settings(max_examples=200, deadline=None)
+def test_severity_never_lowers_a_study(studies: list[StudyContext], data: st.DataObject) -> None:
+    """Grading a study's findings never moves it down, nor changes its class."""
+    if not studies:
+        return
+    target = data.draw(st.sampled_from(studies))
+    others = [s for s in studies if s is not target]
+    graded = rank_studies([*others, target], NOW)
+    ungraded = rank_studies([*others, without_severity(target)], NOW)
+    rank_with = next(p.rank for p in graded if p.StudyInstanceUID == target.StudyInstanceUID)
+    rank_without = next(p.rank for p in ungraded if p.StudyInstanceUID == target.StudyInstanceUID)
+    assert rank_with <= rank_without
+    assert classify(target)[0] == classify(without_severity(target))[0]
 
 
 @given(worklists, configs)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
+from triage.analysis import Analyzer, SeriesFiles, StudyAnalysis
 from triage.db import Database
 from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
 from triage.domain import AIStatus, Finding
 from triage.events import outbox
 from triage.ingest.assembly import complete_quiet_series
-from triage.pipeline import Analyzer, SeriesFiles, StudyAnalysis
 from triage.results import overlay_path, save_overlay
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
@@ -225,6 +225,7 @@ class Worker:
                     "flag": bool(f.flag),
                     "score": f.score,
                     "volumes_ml": dict(f.volumes_ml),
+                    "severity": f.severity,
                     "model": f.model.to_json(),
                     "priority_class": "critical",
                     "time": now.isoformat(),

@@ -2,7 +2,9 @@
 
 :class:`HaemorrhageModel` turns a 1 mm isotropic head CT in Hounsfield units into per-voxel
 class probabilities (background, IPH, EAH, oedema, IVH), a label map and lesion volumes;
-:func:`to_finding` turns that into the study-level :class:`triage.domain.Finding`.
+:func:`to_finding` turns that into the study-level :class:`triage.domain.Finding` with its
+severity; :class:`HaemorrhageFindingModel` is the registry's :class:`FindingModel` (head CT
+series in, finding and overlay out).
 
 Why a small tiler and not ``monai.inferers.SlidingWindowInferer``: the network uses valid
 convolutions, so an input window of ``n + 80`` voxels yields an output of ``n`` voxels, a
@@ -26,22 +28,38 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
-from triage.domain import BLOOD_CLASSES, HAEMORRHAGE_CLASSES, Finding, FindingCode, ModelRef
+from triage.domain import Finding, ModelRef, Severity
+from triage.models.base import FindingModel, ModelOutput
+from triage.models.catalog import builtin_spec
 from triage.models.deepmedic import DeepMedic
-from triage.models.spec import BLAST_CT_V1, ModelSpec
+from triage.models.device import default_precision, resolve_device
+from triage.models.spec import ModelSpec
 from triage.models.store import ModelStore, ModelWeightsError
+from triage.preprocess.ct import HeadCT, prepare_head_ct
+from triage.preprocess.errors import InputContractError
+from triage.results import Overlay
+
+if TYPE_CHECKING:
+    from triage.models.registry import RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 _T = TypeVar("_T")
+
+#: The shipped spec of BLAST-CT v1 (``triage/models/specs/blast-ct-v1.json``).
+BLAST_CT_V1: Final[ModelSpec] = builtin_spec("blast-ct-v1")
+#: The finding this model raises.
+FINDING = "intracranial_haemorrhage"
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -105,48 +123,20 @@ def _compute_executor() -> ThreadPoolExecutor:
         return _executor
 
 
-class ModelInputError(ValueError):
-    """The input violates the model's input contract (message says what and how to fix)."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``/``"cuda[:N]"`` as given.
-
-    Raises:
-        ValueError: CUDA was asked for but is not available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
-    return dev
-
-
-def default_members(device: str | torch.device = "auto") -> int:
-    """Default ensemble size: 12 members on a GPU, 1 on a CPU (to stay within ~1 min)."""
+def default_members(device: str | torch.device = "auto", spec: ModelSpec = BLAST_CT_V1) -> int:
+    """Default ensemble size: every member on a GPU, 1 on a CPU (to stay within ~1 min)."""
     dev = resolve_device(device) if isinstance(device, str) else device
-    return len(BLAST_CT_V1.artifacts) if dev.type == "cuda" else 1
+    return len(spec.weights) if dev.type == "cuda" else 1
 
 
-def default_precision(device: str | torch.device = "auto") -> str:
-    """Compute precision used when ``precision="auto"``.
+def lesion_classes(spec: ModelSpec) -> tuple[str, ...]:
+    """The lesion classes, in output-index order after background."""
+    return spec.outputs[1:]
 
-    CPU: ``bf16`` when the CPU has AMX tiles (Sapphire Rapids and newer: about 2x faster
-    than fp32 end to end, volumes within 0.03 ml or 1% of fp32, see
-    docs/models/blast-ct-v1.md), else ``fp32``.
-    CUDA: ``bf16`` where supported (wide exponent range, no overflow risk), else ``fp16``.
-    """
-    dev = resolve_device(device) if isinstance(device, str) else device
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return "bf16" if amx is not None and amx() else "fp32"
+
+def blood_classes(spec: ModelSpec) -> tuple[str, ...]:
+    """The classes that count as blood for the finding (oedema does not)."""
+    return spec.finding(FINDING).outputs
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,7 +181,7 @@ class HaemorrhageResult:
     @property
     def blood_volume_ml(self) -> float:
         """Total blood volume (IPH + EAH + IVH), ml. Oedema is not blood."""
-        return float(sum(self.volumes_ml[c] for c in BLOOD_CLASSES))
+        return float(sum(self.volumes_ml[c] for c in blood_classes(self.spec)))
 
 
 def check_input(
@@ -209,42 +199,42 @@ def check_input(
         spec: the model's spec.
 
     Raises:
-        ModelInputError: with a message naming the violated condition.
+        InputContractError: with a message naming the violated condition.
     """
     if not isinstance(hu, np.ndarray):
-        raise ModelInputError(f"hu must be a numpy array, got {type(hu).__name__}")
+        raise InputContractError(f"hu must be a numpy array, got {type(hu).__name__}")
     if hu.ndim != 3:
-        raise ModelInputError(
+        raise InputContractError(
             f"hu must be a 3D (z, y, x) volume, got {hu.ndim} dimensions {hu.shape}"
         )
     if hu.dtype != np.float32:
-        raise ModelInputError(
+        raise InputContractError(
             f"hu must be float32 Hounsfield units, got dtype {hu.dtype}; "
             "convert with hu.astype(np.float32)"
         )
     if min(hu.shape) < 1 or max(hu.shape) > MAX_EXTENT_VOXELS:
-        raise ModelInputError(
+        raise InputContractError(
             f"hu shape {hu.shape} is outside 1..{MAX_EXTENT_VOXELS} voxels per axis; "
             "crop the volume to the head"
         )
     spacing = tuple(float(s) for s in spacing_mm)
     if len(spacing) != 3 or any(
         not math.isfinite(s) or abs(s - e) > SPACING_TOLERANCE_MM
-        for s, e in zip(spacing, spec.input_spacing_mm, strict=False)
+        for s, e in zip(spacing, spec.input.spacing_mm or (), strict=False)
     ):
-        raise ModelInputError(
-            f"{spec.name} needs {spec.input_spacing_mm} mm voxels (z, y, x), got {spacing}; "
+        raise InputContractError(
+            f"{spec.name} needs {spec.input.spacing_mm} mm voxels (z, y, x), got {spacing}; "
             "resample the series to 1 mm isotropic first"
         )
     if not np.isfinite(hu).all():
-        raise ModelInputError("hu contains NaN or infinite values")
+        raise InputContractError("hu contains NaN or infinite values")
     lo, hi = float(hu.min()), float(hu.max())
     if lo < -10000.0 or hi > 40000.0:
-        raise ModelInputError(
+        raise InputContractError(
             f"hu values span [{lo:.0f}, {hi:.0f}], outside any plausible Hounsfield range"
         )
     if hi - lo < 100.0 or (lo > -100.0 and hi < 300.0):
-        raise ModelInputError(
+        raise InputContractError(
             f"hu values span [{lo:.3g}, {hi:.3g}], which does not look like Hounsfield units "
             "(no air below -100 HU and no bone above 300 HU); pass stored value x "
             "RescaleSlope + RescaleIntercept, not normalised or windowed intensities"
@@ -253,13 +243,13 @@ def check_input(
         return None
     if not isinstance(head_mask, np.ndarray) or head_mask.shape != hu.shape:
         shape = getattr(head_mask, "shape", None)
-        raise ModelInputError(f"head_mask must be an array of shape {hu.shape}, got {shape}")
+        raise InputContractError(f"head_mask must be an array of shape {hu.shape}, got {shape}")
     if head_mask.dtype != np.bool_:
         if not np.issubdtype(head_mask.dtype, np.integer):
-            raise ModelInputError(f"head_mask must be bool, got dtype {head_mask.dtype}")
+            raise InputContractError(f"head_mask must be bool, got dtype {head_mask.dtype}")
         head_mask = head_mask != 0
     if not head_mask.any():
-        raise ModelInputError("head_mask is empty: no head was found in the volume")
+        raise InputContractError("head_mask is empty: no head was found in the volume")
     return head_mask
 
 
@@ -374,7 +364,7 @@ class HaemorrhageModel:
         self.store = store
         self.device = resolve_device(device)
         if members is None:
-            members = default_members(self.device)
+            members = default_members(self.device, spec)
         if isinstance(members, int):
             self.members: tuple[int, ...] = spec.first_members(members)
         else:
@@ -391,15 +381,15 @@ class HaemorrhageModel:
         self.dtype = _DTYPES[self.precision]
         if tile is not None:
             tile = tuple(int(t) for t in tile)
-            if len(tile) != 3 or any(t <= 0 or t % spec.tile_multiple for t in tile):
-                raise ValueError(
-                    f"tile must be 3 positive multiples of {spec.tile_multiple}, got {tile}"
-                )
+            multiple = int(spec.params["tile_multiple"])
+            if len(tile) != 3 or any(t <= 0 or t % multiple for t in tile):
+                raise ValueError(f"tile must be 3 positive multiples of {multiple}, got {tile}")
         self.tile = tile
         self.num_threads = num_threads
         budget_key = (self.device.type, "fp32" if self.precision == "fp32" else "bf16")
         self.tile_budget_voxels = tile_budget_voxels or _TILE_BUDGET_VOXELS[budget_key]
         self._networks: dict[int, nn.Module] = {}
+        self._sha256: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -429,8 +419,13 @@ class HaemorrhageModel:
 
     @property
     def model_ref(self) -> ModelRef:
-        """Name and version of the model, for findings and DICOM outputs."""
-        return ModelRef(name=self.spec.name, version=self.spec.version)
+        """Name, version and member weights of the model, for findings and DICOM outputs."""
+        return ModelRef(self.spec.name, self.spec.version, self.weights_sha256())
+
+    def weights_sha256(self) -> tuple[str, ...]:
+        """SHA-256 of each loaded member's weight file, in member order (empty for networks
+        given directly, e.g. fresh from training)."""
+        return tuple(self._sha256[m] for m in self.members if m in self._sha256)
 
     def load(self) -> float:
         """Load every member not loaded yet; return the seconds spent.
@@ -442,14 +437,16 @@ class HaemorrhageModel:
         with self._lock:
             for number in self.members:
                 if number not in self._networks:
-                    self._networks[number] = self._prepare(self._load_member(number))
+                    net, sha256 = self._load_member(number)
+                    self._networks[number] = self._prepare(net)
+                    self._sha256[number] = sha256
         return time.perf_counter() - start
 
-    def _load_member(self, number: int) -> nn.Module:
+    def _load_member(self, number: int) -> tuple[nn.Module, str]:
         if self.store is None:
             raise ModelWeightsError(f"no model store configured to load member {number}")
         artifact = self.spec.artifact(number)
-        data = self.store.read_verified(self.spec.name, artifact)
+        data, sha256 = self.store.read_verified(self.spec.name, artifact)
         label = f"{self.spec.name}/{artifact.filename}"
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -461,7 +458,7 @@ class HaemorrhageModel:
                 f"{self.spec.name} state dict: {exc}"
             ) from exc
         logger.info("loaded %s member %d", self.spec.name, number)
-        return net
+        return net, sha256
 
     def _prepare(self, net: nn.Module) -> nn.Module:
         net = net.eval().to(self.device)
@@ -491,7 +488,7 @@ class HaemorrhageModel:
             The segmentation, probabilities and lesion volumes.
 
         Raises:
-            ModelInputError: the input violates the contract.
+            InputContractError: the input violates the contract.
             ModelWeightsError: weights are missing or corrupt.
         """
         t0 = time.perf_counter()
@@ -500,7 +497,8 @@ class HaemorrhageModel:
         t1 = time.perf_counter()
         shape = hu.shape
         tile, origins, n_total = plan_tiles(
-            shape, mask, self.tile_budget_voxels, self.spec.tile_multiple, tile=self.tile
+            shape, mask, self.tile_budget_voxels, int(self.spec.params["tile_multiple"]),
+            tile=self.tile,
         )
         probs, stage_s = _run_in_compute_thread(self._run_tiles, hu, tile, origins)
         t3 = time.perf_counter()
@@ -508,16 +506,16 @@ class HaemorrhageModel:
             outside = ~mask
             probs[:, outside] = 0.0
             probs[0, outside] = 1.0
-        n_classes = len(self.spec.output_classes)
+        n_classes = len(self.spec.outputs)
         labels = probs.argmax(axis=0).astype(np.uint8)
         voxel_ml = float(np.prod(spacing_mm)) / 1000.0
         counts_per_class = np.bincount(labels.ravel(), minlength=n_classes)
-        classes = self.spec.output_classes
+        classes = self.spec.outputs
+        lesions = lesion_classes(self.spec)
         volumes = {
-            name: float(counts_per_class[classes.index(name)]) * voxel_ml
-            for name in HAEMORRHAGE_CLASSES
+            name: float(counts_per_class[classes.index(name)]) * voxel_ml for name in lesions
         }
-        max_prob = {name: float(probs[classes.index(name)].max()) for name in HAEMORRHAGE_CLASSES}
+        max_prob = {name: float(probs[classes.index(name)].max()) for name in lesions}
         probabilities = probs.astype(np.float16)
         t4 = time.perf_counter()
         timing = {
@@ -567,8 +565,8 @@ class HaemorrhageModel:
         volume = self._normalise(hu, tile)
         preprocess_s = time.perf_counter() - start
         shape = hu.shape
-        ctx = self.spec.context_voxels
-        probs = np.zeros((len(self.spec.output_classes), *shape), dtype=np.float32)
+        ctx = int(self.spec.params["context_voxels"])
+        probs = np.zeros((len(self.spec.outputs), *shape), dtype=np.float32)
         probs[0] = 1.0
         networks = [self._networks[m] for m in self.members]
         with torch.inference_mode():
@@ -597,8 +595,8 @@ class HaemorrhageModel:
             Tensor (z + 80 + pz, y + 80 + py, x + 80 + px) in the compute dtype on the
             device, where p* pads each axis up to a whole number of tiles.
         """
-        lo, hi = self.spec.intensity_range_hu
-        ctx = self.spec.context_voxels
+        lo, hi = self.spec.input.value_range
+        ctx = int(self.spec.params["context_voxels"])
         x = torch.from_numpy(hu).to(self.device)
         x = x.clamp(lo, hi).sub_(lo).mul_(2.0 / (hi - lo)).sub_(1.0)
         pad: list[int] = []
@@ -617,9 +615,9 @@ def blood_score(result: HaemorrhageResult, threshold_ml: float) -> float:
     ignores a few isolated voxels, and is >= 0.5 when at least ``threshold_ml`` of tissue
     is more likely blood than not.
     """
-    classes = result.spec.output_classes
+    classes = result.spec.outputs
     blood = np.zeros(result.labels.shape, dtype=np.float32)
-    for name in BLOOD_CLASSES:
+    for name in blood_classes(result.spec):
         blood += result.probabilities[classes.index(name)]
     flat = blood.ravel()
     k = max(1, math.ceil(threshold_ml / result.voxel_volume_ml - 1e-9))
@@ -628,31 +626,73 @@ def blood_score(result: HaemorrhageResult, threshold_ml: float) -> float:
     return float(min(1.0, max(0.0, kth)))
 
 
-def to_finding(result: HaemorrhageResult, threshold_ml: float | None = None) -> Finding:
+def largest_lesion_ml(result: HaemorrhageResult) -> float:
+    """Volume (ml) of the largest connected blood region (IPH, EAH and IVH voxels together,
+    26-connected): one haematoma with its intraventricular extension counts once."""
+    classes = result.spec.outputs
+    blood = np.isin(result.labels, [classes.index(c) for c in blood_classes(result.spec)])
+    if not blood.any():
+        return 0.0
+    components, n = ndimage.label(blood, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    return float(sizes.max()) * result.voxel_volume_ml
+
+
+def severity_of(result: HaemorrhageResult, largest_ml: float) -> tuple[str, list[str]]:
+    """``high`` when the total blood volume reaches ``params.severity.high_total_ml`` (30 ml)
+    or there is intraventricular blood (IVH of at least ``intraventricular_ml``); else
+    ``standard``. Returns the severity and the reasons for it."""
+    rules = result.spec.params.get("severity", {})
+    high_ml = float(rules.get("high_total_ml", 30.0))
+    ivh_ml = float(rules.get("intraventricular_ml", 0.5))
+    reasons: list[str] = []
+    if result.blood_volume_ml >= high_ml:
+        reasons.append(f"blood volume {result.blood_volume_ml:.1f} ml >= {high_ml:g} ml")
+    if result.volumes_ml.get("IVH", 0.0) >= ivh_ml:
+        reasons.append(f"intraventricular blood {result.volumes_ml['IVH']:.1f} ml")
+    if largest_ml >= high_ml and not reasons:
+        reasons.append(f"largest lesion {largest_ml:.1f} ml >= {high_ml:g} ml")
+    return (Severity.high.value if reasons else Severity.standard.value), reasons
+
+
+def to_finding(
+    result: HaemorrhageResult, threshold_ml: float | None = None, model: ModelRef | None = None
+) -> Finding:
     """Study-level intracranial haemorrhage finding from a segmentation.
 
     Args:
         result: the segmentation.
         threshold_ml: blood volume (IPH + EAH + IVH, ml) at or above which the finding is
-            flagged; None uses ``result.spec.flag_threshold_ml``.
+            flagged; None uses the spec's threshold.
+        model: the model reference to record (None: name and version of ``result.spec``).
 
     Returns:
-        A Finding with ``flag = blood volume >= threshold_ml`` and ``score`` from
-        :func:`blood_score`.
+        A Finding with ``flag = blood volume >= threshold_ml``, ``score`` from
+        :func:`blood_score`, and, when flagged, a severity (:func:`severity_of`); details hold
+        the total and largest-lesion volumes and whether blood extends into the ventricles.
     """
-    threshold = result.spec.flag_threshold_ml if threshold_ml is None else float(threshold_ml)
+    spec_threshold = result.spec.finding(FINDING).threshold
+    threshold = spec_threshold if threshold_ml is None else float(threshold_ml)
     if threshold <= 0:
         raise ValueError(f"threshold_ml must be positive, got {threshold}")
     blood_ml = result.blood_volume_ml
+    flag = blood_ml >= threshold
+    largest = largest_lesion_ml(result)
+    severity, severity_reasons = severity_of(result, largest)
+    ivh_ml = float(result.spec.params.get("severity", {}).get("intraventricular_ml", 0.5))
     return Finding(
-        finding=FindingCode.intracranial_haemorrhage.value,
-        flag=blood_ml >= threshold,
+        finding=FINDING,
+        flag=flag,
         score=blood_score(result, threshold),
         volumes_ml={k: round(v, 3) for k, v in result.volumes_ml.items()},
-        model=ModelRef(name=result.spec.name, version=result.spec.version),
+        model=model or ModelRef(result.spec.name, result.spec.version),
         max_probability={k: round(v, 4) for k, v in result.max_probability.items()},
+        severity=severity if flag else None,
         details={
             "blood_volume_ml": round(blood_ml, 3),
+            "largest_lesion_ml": round(largest, 3),
+            "intraventricular_extension": result.volumes_ml.get("IVH", 0.0) >= ivh_ml,
+            "severity_reasons": severity_reasons if flag else [],
             "threshold_ml": threshold,
             "score_definition": "k-th highest P(IPH)+P(EAH)+P(IVH), k = threshold_ml voxels",
             "members": list(result.members),
@@ -662,3 +702,63 @@ def to_finding(result: HaemorrhageResult, threshold_ml: float | None = None) -> 
             "tiles": dict(result.tiles),
         },
     )
+
+
+class HaemorrhageFindingModel(FindingModel[HeadCT, HaemorrhageResult]):
+    """BLAST-CT as a registry model: a head-CT series in, the haemorrhage finding with its
+    severity and the label overlay out.
+
+    Args:
+        engine: the segmentation ensemble.
+        threshold_ml: the site's flag threshold (None: the spec's).
+    """
+
+    def __init__(self, engine: HaemorrhageModel, threshold_ml: float | None = None) -> None:
+        self.engine = engine
+        self.spec = engine.spec
+        self.threshold_ml = threshold_ml
+
+    def load(self) -> float:
+        return self.engine.load()
+
+    def weights_sha256(self) -> tuple[str, ...]:
+        return self.engine.weights_sha256()
+
+    def prepare(self, paths: Sequence[Path]) -> HeadCT:
+        return prepare_head_ct(paths)
+
+    def predict(self, prepared: HeadCT) -> HaemorrhageResult:
+        return self.engine.predict(prepared.hu, prepared.head_mask, prepared.spacing_mm)
+
+    def interpret(
+        self, prepared: HeadCT, raw: HaemorrhageResult, series_uid: str
+    ) -> ModelOutput:
+        finding = to_finding(raw, threshold_ml=self.threshold_ml)
+        overlay = Overlay(
+            kind="labels",
+            data=raw.labels.astype(np.uint8),
+            background=np.clip(prepared.hu, -1024, 3071).astype(np.int16),
+            classes=lesion_classes(self.spec),
+            origin=prepared.crop_start,
+            SeriesInstanceUID=series_uid,
+        )
+        return ModelOutput(findings=[finding], overlays={finding.finding: overlay})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": str(self.engine.device),
+            "precision": self.engine.precision,
+            "members": list(self.engine.members),
+        }
+
+
+def build(spec: ModelSpec, options: RuntimeOptions) -> HaemorrhageFindingModel:
+    """The registry's factory for ``kind = "blast-ct"``."""
+    engine = HaemorrhageModel(
+        options.store,
+        spec=spec,
+        members=options.members,  # None: 1 on CPU, every member on CUDA
+        device=options.device,
+        precision=options.precision,
+    )
+    return HaemorrhageFindingModel(engine, threshold_ml=options.thresholds.get(FINDING))

@@ -68,6 +68,8 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
+from triage.preprocess.errors import GantryTiltError, IncompleteSeriesError, PreprocessError
+
 try:  # copies an array into an existing image (GetImageFromArray's second half)
     from SimpleITK.extra import _SetImageFromArray as _copy_into_image
 except ImportError:  # pragma: no cover - a SimpleITK without it: GetImageFromArray
@@ -157,44 +159,6 @@ _GROUP_OF: Final[dict[str, str]] = {
     "RescaleIntercept": "PixelValueTransformationSequence",
     "FrameType": "CTImageFrameTypeSequence",
 }
-
-
-class PreprocessError(ValueError):
-    """A series cannot be turned into a model input.
-
-    The message says what is wrong (attribute, count, geometry) and never holds patient data.
-    """
-
-
-class IncompleteSeriesError(PreprocessError):
-    """The series covers too little to be read: too few slices, gaps too large (missing
-    slices) or too little coverage along the slice normal.
-
-    The study gets the ``incomplete_series`` status (more images may still arrive). The message
-    gives counts and millimetres only.
-    """
-
-
-class GantryTiltError(PreprocessError):
-    """The slices are stacked at a gantry tilt above the allowed limit.
-
-    Attributes:
-        tilt_deg: The tilt: angle between the slice-stacking line and the slice normal.
-        max_tilt_deg: The limit it exceeds.
-    """
-
-    def __init__(self, tilt_deg: float, max_tilt_deg: float) -> None:
-        """Records the angle and the limit (both in degrees)."""
-        super().__init__(tilt_deg, max_tilt_deg)
-        self.tilt_deg = tilt_deg
-        self.max_tilt_deg = max_tilt_deg
-
-    def __str__(self) -> str:
-        """Names the angle and the limit."""
-        return (
-            f"gantry tilt of {self.tilt_deg:.1f} degrees is above the limit of "
-            f"{self.max_tilt_deg:g} degrees"
-        )
 
 
 @dataclass(frozen=True, eq=False)

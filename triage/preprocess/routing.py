@@ -1,6 +1,6 @@
 """Routing: which model reads which series of a study, and why.
 
-Each model declares what it accepts (:class:`ModelAcceptance`: modalities, body regions,
+Each model declares what it accepts (:class:`Acceptance`: modalities, body regions,
 views and a :class:`~triage.preprocess.series.SeriesRule`). :func:`route_study` tells each
 series' body region from its DICOM attributes, in this order of trust:
 
@@ -21,14 +21,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from triage.preprocess.series import SeriesInfo, SeriesRule, SeriesSelection, select_series
 
 __all__ = [
     "HEAD_MAX_FOV_MM",
-    "ModelAcceptance",
+    "Acceptance",
     "ModelRoute",
     "RoutingDecision",
     "body_regions",
@@ -234,23 +234,23 @@ def body_regions(info: SeriesInfo) -> tuple[tuple[str, ...], str]:
     return (), "nothing names the body part"
 
 
-@dataclass(frozen=True)
-class ModelAcceptance:
-    """What a model reads: modalities, body regions, views (radiographs) and a series rule."""
+class Acceptance(Protocol):
+    """What a model reads, as the router needs it (a model spec's ``accepts`` provides it:
+    ``triage.models.spec.ModelAcceptance``; this package does not import the models)."""
 
-    modalities: tuple[str, ...]
-    body_regions: tuple[str, ...]
-    series_rule: SeriesRule = field(default_factory=SeriesRule)
-    views: tuple[str, ...] = ()
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
 
-    def describe(self) -> str:
-        views = f" {'/'.join(self.views)}" if self.views else ""
-        return f"{'/'.join(self.modalities)} {'/'.join(self.body_regions)}{views}"
+    @property
+    def body_regions(self) -> tuple[str, ...]: ...
 
-    def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["series_rule"] = self.series_rule.to_json()
-        return doc
+    @property
+    def views(self) -> tuple[str, ...]: ...
+
+    @property
+    def series_rule(self) -> SeriesRule: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,7 @@ def _view(info: SeriesInfo) -> str:
 
 
 def route_study(
-    series: Sequence[SeriesInfo], models: Sequence[tuple[str, ModelAcceptance]]
+    series: Sequence[SeriesInfo], models: Sequence[tuple[str, Acceptance]]
 ) -> RoutingDecision:
     """Decide, for each model, the series it runs on.
 

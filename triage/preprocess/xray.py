@@ -53,12 +53,14 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from triage.preprocess.ct import IMAGE_KEY, PreprocessError
+from triage.preprocess.ct import IMAGE_KEY
+from triage.preprocess.errors import InputContractError, PreprocessError
 
 __all__ = [
     "DATA_WINDOW_PERCENTILES",
+    "FallbackWindow",
     "RADIOGRAPH_MODALITIES",
-    "ContractError",
+    "InputContractError",
     "ResizeGeometry",
     "ResizeWithAspect",
     "ResizeWithAspectd",
@@ -84,8 +86,12 @@ SpacingSource = Literal[
 ]
 """Where ``pixel_spacing_mm`` came from; the last is ImagerPixelSpacing divided by the factor."""
 
-VOISource = Literal["VOILUTSequence", "window", "data"]
-"""Which VOI transform made the presentation values (``data``: ``DATA_WINDOW_PERCENTILES``)."""
+VOISource = Literal["VOILUTSequence", "window", "data", "bits"]
+"""Which VOI transform made the presentation values (``data``: ``DATA_WINDOW_PERCENTILES``;
+``bits``: the whole stored range, 0 .. 2**BitsStored - 1 through the Modality LUT)."""
+
+FallbackWindow = Literal["data", "bits"]
+"""What stands in for a missing VOI transform: a window from the data, or the stored range."""
 
 _MONOCHROME: Final[frozenset[str]] = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _FOR_PROCESSING_SOP: Final[frozenset[str]] = frozenset(
@@ -119,10 +125,6 @@ _VIEW_MEANINGS: Final[tuple[tuple[str, str], ...]] = (
     ("lateral", "LATERAL"),
 )
 _LATERALITIES: Final[frozenset[str]] = frozenset({"L", "R", "B", "U"})
-
-
-class ContractError(PreprocessError):
-    """An array about to enter a model breaks the model's input contract (shape, type, range)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -423,8 +425,27 @@ def _data_window(values: np.ndarray, ds: pydicom.Dataset, stored: np.ndarray) ->
     return (v - lo) / (hi - lo)
 
 
+def _bits_window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The whole stored range (BitsStored, signed or not) through the Modality LUT onto [0, 1].
+
+    For unsigned data with no rescale this is ``stored / (2**BitsStored - 1)``: the scaling of
+    TorchXRayVision's ``read_xray_dcm``, which its models were trained to expect.
+    """
+    bits = int(ds.get("BitsStored") or 0)
+    if bits < 1:
+        raise PreprocessError("BitsStored is missing: the stored range is unknown")
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], dtype=np.int64)
+    else:
+        ends = np.array([0, 2**bits - 1], dtype=np.int64)
+    lo, hi = sorted(float(v) for v in apply_modality_lut(ends, ds))
+    if not hi > lo:
+        raise PreprocessError("the Modality LUT maps the stored range onto a single value")
+    return (values.astype(np.float64, copy=False) - lo) / (hi - lo)
+
+
 def _presentation(
-    stored: np.ndarray, ds: pydicom.Dataset, photometric: str
+    stored: np.ndarray, ds: pydicom.Dataset, photometric: str, fallback: FallbackWindow = "data"
 ) -> tuple[np.ndarray, VOISource]:
     """Modality LUT, VOI and MONOCHROME1 inversion: float32 in [0, 1], 1 = bright."""
     try:
@@ -446,7 +467,9 @@ def _presentation(
             ) from None
     elif _has_window(ds):
         out, source = _window_presentation(values, ds), "window"
-    if out is None:
+    if out is None and fallback == "bits":
+        out, source = _bits_window(values, ds), "bits"
+    elif out is None:
         out, source = _data_window(values, ds, stored), "data"
     np.clip(out, 0.0, 1.0, out=out)
     if photometric == "MONOCHROME1":
@@ -458,13 +481,16 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(ds.get(keyword) or "")
 
 
-def load_radiograph(path: Path) -> XRayImage:
+def load_radiograph(path: Path, fallback_window: FallbackWindow = "data") -> XRayImage:
     """Reads one CR or DX radiograph into presentation grey scale.
 
     Args:
         path: A DICOM file (CR, DX, or another SOP class such as Secondary Capture whose
             Modality is CR or DX), single frame, monochrome, any transfer syntax that pydicom
             can decode here.
+        fallback_window: With no VOI LUT and no window in the file: ``"data"`` takes a
+            window from the pixels (``DATA_WINDOW_PERCENTILES``); ``"bits"`` maps the whole
+            stored range onto [0, 1] (what TorchXRayVision's models expect).
 
     Returns:
         The ``XRayImage``: float32 pixels in [0, 1] with 1 = bright, and the header facts.
@@ -477,7 +503,7 @@ def load_radiograph(path: Path) -> XRayImage:
     _check_header(ds)
     stored = _decode(ds)
     photometric = str(ds.PhotometricInterpretation).strip().upper()
-    pixels, voi_source = _presentation(stored, ds, photometric)
+    pixels, voi_source = _presentation(stored, ds, photometric, fallback_window)
     spacing, spacing_source = _spacing(ds)
     body_part = _text(ds, "BodyPartExamined").strip().upper() or None
     return XRayImage(
@@ -641,41 +667,41 @@ def check_xray_input(
             accepts; an unknown spacing is then an error too.
 
     Raises:
-        ContractError: Wrong type, dtype (float32 required), shape, non-finite values, values
+        InputContractError: Wrong type, dtype (float32 required), shape, non-finite values, values
             outside ``value_range``, or spacing unknown or outside ``spacing_range_mm``.
     """
     if isinstance(array, torch.Tensor):
         if array.dtype != torch.float32:
-            raise ContractError(f"input dtype is {array.dtype}, expected float32")
+            raise InputContractError(f"input dtype is {array.dtype}, expected float32")
         values = array.detach().cpu().numpy()
     elif isinstance(array, np.ndarray):
         if array.dtype != np.float32:
-            raise ContractError(f"input dtype is {array.dtype}, expected float32")
+            raise InputContractError(f"input dtype is {array.dtype}, expected float32")
         values = array
     else:
-        raise ContractError(f"input is a {type(array).__name__}, expected an array or tensor")
+        raise InputContractError(f"input is a {type(array).__name__}, expected an array or tensor")
     expected = (1, int(size[0]), int(size[1]))
     shape = tuple(values.shape)
     if not (shape == expected or (len(shape) == 4 and shape[1:] == expected)):
-        raise ContractError(f"input shape is {shape}, expected {expected} or (n, *{expected})")
+        raise InputContractError(f"input shape is {shape}, expected {expected} or (n, *{expected})")
     if values.size == 0:
-        raise ContractError("input is empty")
+        raise InputContractError("input is empty")
     finite = np.isfinite(values)
     if not finite.all():
         n_bad = int(values.size - np.count_nonzero(finite))
-        raise ContractError(f"input holds {n_bad} NaN or infinite value(s)")
+        raise InputContractError(f"input holds {n_bad} NaN or infinite value(s)")
     lo, hi = float(values.min()), float(values.max())
     if lo < value_range[0] or hi > value_range[1]:
-        raise ContractError(
+        raise InputContractError(
             f"input values span [{lo:.4g}, {hi:.4g}], outside the allowed "
             f"[{value_range[0]:.4g}, {value_range[1]:.4g}]"
         )
     if spacing_range_mm is not None:
         if spacing_mm is None:
-            raise ContractError("input pixel spacing is unknown; the model needs one")
+            raise InputContractError("input pixel spacing is unknown; the model needs one")
         s_lo, s_hi = spacing_range_mm
         if not all(np.isfinite(s) and s_lo <= s <= s_hi for s in spacing_mm):
-            raise ContractError(
+            raise InputContractError(
                 f"input pixel spacing ({spacing_mm[0]:.4g}, {spacing_mm[1]:.4g}) mm is outside "
                 f"the allowed [{s_lo:.4g}, {s_hi:.4g}] mm"
             )
@@ -693,7 +719,7 @@ def prepare_radiograph(path: Path, size: tuple[int, int] = (512, 512)) -> XRayIn
 
     Raises:
         PreprocessError: The file is unusable (see ``load_radiograph``).
-        ContractError: The result breaks the contract (a bug, not a property of the file).
+        InputContractError: The result breaks the contract (a bug, not a property of the file).
     """
     radiograph = load_radiograph(path)
     transform = ResizeWithAspect(size)

@@ -10,6 +10,7 @@ from datetime import timedelta
 import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
 
+from triage.analysis import Analyzer
 from triage.config import Settings
 from triage.db import Database
 from triage.events.publisher import Publisher
@@ -17,7 +18,6 @@ from triage.events.webhook import WebhookConfig, WebhookSender
 from triage.ingest.scp import ScpOptions, start_scp
 from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
-from triage.pipeline import Analyzer
 from triage.serve.app import create_app
 from triage.worklist.priority import load_policy
 

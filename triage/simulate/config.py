@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from triage.domain import FindingCode
+from triage.models.catalog import critical_findings
 from triage.worklist.priority import PolicyConfig
 
 # z of the 90th percentile of the standard normal distribution.
@@ -172,8 +172,9 @@ class SimulationConfig(BaseModel):
     ranked without findings. Default 1 min: the time-to-flag target in docs/benchmarks.md
     (measured 24.7 s on a 2-core CPU for a head CT), rounded up for queueing."""
 
-    finding_code: str = FindingCode.intracranial_haemorrhage.value
-    """The finding the simulated AI raises (it must be one the policy escalates)."""
+    finding_code: str = Field(default_factory=lambda: critical_findings()[0])
+    """The finding the simulated AI raises (it must be one the policy escalates); default: the
+    first critical finding of the installed models (intracranial haemorrhage)."""
 
     radiologists: int = Field(default=12, ge=1)
     """Radiologists reading at every hour. Default 12: the default mix has a mean read time of

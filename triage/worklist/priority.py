@@ -6,11 +6,14 @@ Policy ``v2``:
    ``stat``, HIGH/URGENT/ASAP -> ``urgent``, otherwise ``routine``) and the patient's
    location (an emergency department lifts a study to at least ``urgent``).
 2. **AI escalation**: each flagged finding whose score reaches its configured confidence
-   lifts the study to the finding's class (intracranial haemorrhage -> ``critical``).
-   Escalation only ever raises the class: AI never lowers a study.
+   lifts the study to the finding's class (the default rules come from the installed models'
+   specs: intracranial haemorrhage and pneumothorax -> ``critical``). Escalation only ever
+   raises the class: AI never lowers a study.
 3. **Deadline** = arrival + the service-level time of the study's class.
 4. **Order** (first to last):
-   ``critical`` studies, earliest deadline first; then studies **past their deadline**,
+   ``critical`` studies, **severe first** (a flagged finding graded ``high``, e.g. a
+   haemorrhage of 30 ml or more or with intraventricular blood), then earliest deadline
+   first; then studies **past their deadline**,
    earliest deadline first (no study waits without bound); then studies **due soon** (in the
    last ``aging_fraction`` of their service-level time), earliest deadline first; then the
    rest by class (stat, urgent, routine) and arrival. Ties: arrival, then StudyInstanceUID,
@@ -34,7 +37,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from triage.domain import Finding, FindingCode
+from triage.domain import SEVERITY_RANK, Finding, Severity
+from triage.models.catalog import finding_specs
 
 POLICY_VERSION = "v2"
 
@@ -74,7 +78,8 @@ class PolicyConfig(BaseModel):
             serves any study near its deadline oldest first (worst wait 1.08x FIFO's).
         aging_fraction: a study enters "due soon" when less than this fraction of its
             service-level time is left.
-        findings: finding code -> escalation rule.
+        findings: finding code -> escalation rule. The installed models' specs give the
+            defaults (each finding's ``escalate_to``); a policy file's rules are laid over them.
         location_classes: patient location class -> the class it lifts a study to.
     """
 
@@ -82,15 +87,12 @@ class PolicyConfig(BaseModel):
         default_factory=lambda: {"critical": 15.0, "stat": 60.0, "urgent": 60.0, "routine": 60.0}
     )
     aging_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
-    findings: dict[str, FindingRule] = Field(
-        default_factory=lambda: {
-            FindingCode.intracranial_haemorrhage.value: FindingRule(escalate_to="critical")
-        }
-    )
+    findings: dict[str, FindingRule] = Field(default_factory=lambda: default_finding_rules())
     location_classes: dict[str, str] = Field(default_factory=lambda: {"emergency": "urgent"})
 
     @model_validator(mode="after")
     def _known_classes(self) -> PolicyConfig:
+        self.findings = {**default_finding_rules(), **self.findings}
         for name in self.sla_minutes:
             if name not in CLASSES:
                 raise ValueError(f"sla_minutes: unknown class {name!r} (classes: {CLASSES})")
@@ -107,6 +109,15 @@ class PolicyConfig(BaseModel):
         """A short hash of the configuration, reported with each worklist."""
         text = json.dumps(self.model_dump(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_finding_rules() -> dict[str, FindingRule]:
+    """Escalation rules from the installed models' specs (findings that raise priority)."""
+    return {
+        code: FindingRule(escalate_to=f.escalate_to)
+        for code, f in finding_specs().items()
+        if f.escalate_to is not None
+    }
 
 
 DEFAULT_POLICY = PolicyConfig()
@@ -149,6 +160,27 @@ def _rank(cls: str) -> int:
     return CLASSES.index(cls) if cls in CLASSES else len(CLASSES) - 1
 
 
+def _escalating(ctx: StudyContext, config: PolicyConfig) -> list[tuple[Finding, FindingRule]]:
+    """The flagged findings whose rule applies (score at or above its minimum)."""
+    out = []
+    for f in ctx.findings:
+        rule = config.findings.get(str(f.finding))
+        if rule is not None and f.flag and f.score >= rule.min_score:
+            out.append((f, rule))
+    return out
+
+
+def severity(ctx: StudyContext, config: PolicyConfig = DEFAULT_POLICY) -> str | None:
+    """The most severe grade among the findings that make the study critical (None when no
+    such finding is graded)."""
+    graded = [
+        f.severity
+        for f, rule in _escalating(ctx, config)
+        if rule.escalate_to == "critical" and f.severity is not None
+    ]
+    return min(graded, key=lambda s: SEVERITY_RANK.get(s, len(SEVERITY_RANK)), default=None)
+
+
 def classify(ctx: StudyContext, config: PolicyConfig = DEFAULT_POLICY) -> tuple[str, list[str]]:
     """The study's class and the reason codes that set it (AI escalation included)."""
     reasons: list[str] = []
@@ -160,10 +192,7 @@ def classify(ctx: StudyContext, config: PolicyConfig = DEFAULT_POLICY) -> tuple[
     if lifted is not None and _rank(lifted) < _rank(cls):
         cls = lifted
         reasons.append(f"location:{ctx.location}")
-    for f in ctx.findings:
-        rule = config.findings.get(str(f.finding))
-        if rule is None or not f.flag or f.score < rule.min_score:
-            continue
+    for f, rule in _escalating(ctx, config):
         reason = f"ai:{f.finding}"
         if reason not in reasons:
             reasons.append(reason)
@@ -180,8 +209,14 @@ def place(
     sla = timedelta(minutes=float(config.sla_minutes.get(cls, config.sla_minutes["routine"])))
     deadline = ctx.arrived_at + sla
     arrived = ctx.arrived_at.timestamp()
+    severity_rank = SEVERITY_RANK[Severity.standard.value]
     if cls == "critical":
         tier, tier_rank = "critical", 0
+        grade = severity(ctx, config)
+        if grade is not None:
+            severity_rank = SEVERITY_RANK.get(grade, severity_rank)
+            if grade == Severity.high.value:
+                reasons.append(f"severity:{grade}")
     elif now > deadline:
         tier, tier_rank = "overdue", 1
         reasons.append("aging:overdue")
@@ -194,13 +229,14 @@ def place(
     if tier_rank < 3:
         key: tuple[Any, ...] = (
             tier_rank,
+            severity_rank,
             deadline.timestamp(),
             _rank(cls),
             arrived,
             ctx.StudyInstanceUID,
         )
     else:
-        key = (tier_rank, _rank(cls), arrived, arrived, ctx.StudyInstanceUID)
+        key = (tier_rank, severity_rank, _rank(cls), arrived, arrived, ctx.StudyInstanceUID)
     return key, cls, deadline, tier, reasons
 
 
