@@ -66,12 +66,15 @@ def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path:
     assert bleed_finding["model"]["name"] and bleed_finding["model"]["version"]
     assert 0.0 <= bleed_finding["score"] <= 1.0
 
-    # The rest keep arrival order: normal, X-ray, incomplete.
+    # The rest keep arrival order: normal, X-ray (the chest model's weights are not in this
+    # mirror: failed, naming the file and the setting), incomplete.
     assert [i["StudyInstanceUID"] for i in items[1:]] == [n_uid, x_uid, f_uid]
     assert by_uid[n_uid]["ai_status"] == "ok"
     assert by_uid[n_uid]["findings"][0]["flag"] is False
     assert by_uid[n_uid]["reasons"] == ["arrival"]
-    assert by_uid[x_uid]["ai_status"] == "no_applicable_model"
+    assert by_uid[x_uid]["ai_status"] == "failed"
+    assert "xrv-densenet121-res224-all/nih-pc-chex-mimic" in by_uid[x_uid]["ai_error"]
+    assert "TRIAGE_MODEL_MIRROR" in by_uid[x_uid]["ai_error"]
     assert by_uid[x_uid]["findings"] == []
     assert by_uid[f_uid]["ai_status"] == "incomplete_series"
     assert by_uid[f_uid]["ai_error"].startswith("incomplete series: covers 7.5 mm")
