@@ -9,13 +9,11 @@ import pydicom
 import pytest
 
 from tests.conftest import CHEST_MODEL, make_analyzer, pydicom_file, write_chest_weights
+from tests.fake_models import exploding, fixed_haemorrhage
 from triage.analysis import SeriesFiles
 from triage.analysis.analyzer import route_series
 from triage.demo.phantom import PhantomSpec, write_head_ct_series
 from triage.domain import AIStatus, Finding, ModelRef
-from triage.models.base import FindingModel, ModelOutput
-from triage.models.registry import RuntimeOptions
-from triage.models.spec import ModelSpec
 
 
 def _series(paths: Sequence[Path]) -> SeriesFiles:
@@ -33,60 +31,6 @@ def _radiograph(out: Path, source: str = "RG1_UNCR.dcm", **attrs: object) -> Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out
-
-
-class Exploding(FindingModel[None, None]):
-    """A model whose every run raises (a bug, a driver crash): it must not hide the others."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-
-    def prepare(self, paths: Sequence[Path]) -> None:
-        raise RuntimeError("boom")
-
-    def predict(self, prepared: None) -> None:  # pragma: no cover - never reached
-        return None
-
-    def interpret(self, prepared: None, raw: None, series_uid: str) -> ModelOutput:
-        raise AssertionError("never reached")  # pragma: no cover
-
-    def weights_sha256(self) -> tuple[str, ...]:
-        return ()
-
-
-class FixedHaemorrhage(FindingModel[None, None]):
-    """Stands in for BLAST-CT where a test needs its finding, not its network."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-
-    def prepare(self, paths: Sequence[Path]) -> None:
-        return None
-
-    def predict(self, prepared: None) -> None:
-        return None
-
-    def interpret(self, prepared: None, raw: None, series_uid: str) -> ModelOutput:
-        finding = Finding(
-            "intracranial_haemorrhage",
-            True,
-            0.9,
-            {"IPH": 40.0},
-            ModelRef("x", "x"),
-            severity="high",
-        )
-        return ModelOutput(findings=[finding])
-
-    def weights_sha256(self) -> tuple[str, ...]:
-        return ("0" * 64,)
-
-
-def _exploding(spec: ModelSpec, options: RuntimeOptions) -> Exploding:
-    return Exploding(spec)
-
-
-def _fixed(spec: ModelSpec, options: RuntimeOptions) -> FixedHaemorrhage:
-    return FixedHaemorrhage(spec)
 
 
 def test_extremity_radiograph_has_no_applicable_model_with_the_reason(tmp_path: Path) -> None:
@@ -152,7 +96,7 @@ def test_one_model_failing_leaves_the_others_findings(tmp_path: Path) -> None:
     sha256 = write_chest_weights(mirror)
     head = sorted(write_head_ct_series(tmp_path / "ct", PhantomSpec(seed=6)))
     pa = _radiograph(tmp_path / "cr" / "pa.dcm")
-    analyzer = make_analyzer(tmp_path / "cache", mirror, factories={"blast-ct": _exploding})
+    analyzer = make_analyzer(tmp_path / "cache", mirror, factories={"blast-ct": exploding})
     result = analyzer.analyze("1.2.3", [_series(head), _series([pa])])
 
     assert result.ai_status == AIStatus.partial
@@ -175,7 +119,9 @@ def test_one_model_failing_leaves_the_others_findings(tmp_path: Path) -> None:
 def test_the_chest_model_failing_leaves_the_haemorrhage_finding(tmp_path: Path) -> None:
     head = sorted(write_head_ct_series(tmp_path / "ct", PhantomSpec(seed=7)))
     pa = _radiograph(tmp_path / "cr" / "pa.dcm")
-    analyzer = make_analyzer(tmp_path, factories={"blast-ct": _fixed, "xrv-densenet": _exploding})
+    analyzer = make_analyzer(
+        tmp_path, factories={"blast-ct": fixed_haemorrhage, "xrv-densenet": exploding}
+    )
     result = analyzer.analyze("1.2.3", [_series(head), _series([pa])])
     assert result.ai_status == AIStatus.partial
     (finding,) = result.findings

@@ -28,10 +28,16 @@ def worker(tmp_path: Path, db: Database) -> Worker:
 def receive(
     worker: Worker, tmp_path: Path, name: str, complete: bool = True, **changes: object
 ) -> None:
-    (tmp_path / "incoming").mkdir(exist_ok=True)
     ds = pydicom.dcmread(pydicom_file(name))
     for keyword, value in changes.items():
         setattr(ds, keyword, value)
+    receive_dataset(worker, tmp_path, ds, complete)
+
+
+def receive_dataset(
+    worker: Worker, tmp_path: Path, ds: pydicom.Dataset, complete: bool = True
+) -> None:
+    (tmp_path / "incoming").mkdir(exist_ok=True)
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
@@ -126,4 +132,41 @@ def test_interrupted_jobs_are_requeued(worker: Worker, tmp_path: Path) -> None:
     assert worker.requeue_interrupted() == 1  # as at start after a crash
     assert worker.run_one()
     with worker.db.session() as s:
+        assert s.scalars(select(JobRow.state)).one() == "done"
+
+
+def test_one_model_raising_leaves_the_others_findings_and_the_study_ranked(
+    tmp_path: Path, db: Database
+) -> None:
+    """A head CT and a chest radiograph in one study; BLAST-CT raises (a bug, a driver
+    crash), the chest model still reports, and the study is ranked with its findings."""
+    from tests.conftest import write_chest_weights
+    from tests.fake_models import exploding
+    from triage.demo.phantom import PhantomSpec, write_head_ct_series
+    from triage.worklist.service import worklist
+
+    mirror = tmp_path / "mirror"
+    write_chest_weights(mirror)
+    analyzer = make_analyzer(tmp_path / "models", mirror, factories={"blast-ct": exploding})
+    worker = Worker(db=db, analyzer=analyzer, results_dir=tmp_path / "results", quiet_seconds=1)
+    head = write_head_ct_series(tmp_path / "ct", PhantomSpec(seed=8))
+    study_uid = str(pydicom.dcmread(head[0], stop_before_pixels=True).StudyInstanceUID)
+    for path in head:
+        ds = pydicom.dcmread(path)
+        receive_dataset(worker, tmp_path, ds, complete=False)
+    receive(worker, tmp_path, "RG1_UNCR.dcm", StudyInstanceUID=study_uid)
+    assert worker.run_one()
+
+    doc = worklist(db)
+    (item,) = doc["items"]
+    assert item["StudyInstanceUID"] == study_uid and item["rank"] == 1
+    assert item["ai_status"] == "partial"
+    assert item["ai_error"] == "blast-ct-v1: internal error (RuntimeError)"
+    models = {f["model"]["name"] for f in item["findings"]}
+    assert models == {"xrv-densenet121-res224-all"}
+    pneumothorax = next(f for f in item["findings"] if f["finding"] == "pneumothorax")
+    if pneumothorax["flag"]:  # random weights: the policy follows whatever they say
+        assert item["priority_class"] == "critical"
+        assert "ai:pneumothorax" in item["reasons"]
+    with db.session() as s:
         assert s.scalars(select(JobRow.state)).one() == "done"

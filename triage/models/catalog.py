@@ -33,9 +33,7 @@ def _parse(text: str, source: str) -> ModelSpec:
 def builtin_specs() -> tuple[ModelSpec, ...]:
     """The specs shipped with the product, by name."""
     folder = resources.files("triage.models") / "specs"
-    files = sorted(
-        (f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name
-    )
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
     return tuple(_parse(f.read_text(encoding="utf-8"), f"specs/{f.name}") for f in files)
 
 

@@ -497,7 +497,10 @@ class HaemorrhageModel:
         t1 = time.perf_counter()
         shape = hu.shape
         tile, origins, n_total = plan_tiles(
-            shape, mask, self.tile_budget_voxels, int(self.spec.params["tile_multiple"]),
+            shape,
+            mask,
+            self.tile_budget_voxels,
+            int(self.spec.params["tile_multiple"]),
             tile=self.tile,
         )
         probs, stage_s = _run_in_compute_thread(self._run_tiles, hu, tile, origins)
@@ -730,9 +733,7 @@ class HaemorrhageFindingModel(FindingModel[HeadCT, HaemorrhageResult]):
     def predict(self, prepared: HeadCT) -> HaemorrhageResult:
         return self.engine.predict(prepared.hu, prepared.head_mask, prepared.spacing_mm)
 
-    def interpret(
-        self, prepared: HeadCT, raw: HaemorrhageResult, series_uid: str
-    ) -> ModelOutput:
+    def interpret(self, prepared: HeadCT, raw: HaemorrhageResult, series_uid: str) -> ModelOutput:
         finding = to_finding(raw, threshold_ml=self.threshold_ml)
         overlay = Overlay(
             kind="labels",

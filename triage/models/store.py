@@ -312,7 +312,6 @@ class ModelStore:
             raise _SourceFailed(f"read failed: {exc}") from exc
         return digest.hexdigest()
 
-
     def _record(self, target: Path, sha256: str, source: str) -> None:
         """Record the hash of an unpinned file's first verified download (atomically)."""
         record = target.with_name(f"{target.name}.sha256.json")
