@@ -193,3 +193,23 @@ def test_head_ct_and_chest_radiograph_get_findings_from_both_models(
     assert {f.finding for f in by_model[CHEST_MODEL]} >= {"pneumothorax", "cardiomegaly"}
     assert set(result.overlays) >= {"intracranial_haemorrhage", "pneumothorax"}
     assert result.overlays["intracranial_haemorrhage"].kind == "labels"
+
+
+@pytest.mark.parametrize(
+    ("meaning", "runs"),
+    [("postero-anterior", True), ("antero-posterior", True), ("left lateral", False)],
+)
+def test_view_from_the_view_code_when_view_position_is_absent(
+    tmp_path: Path, meaning: str, runs: bool
+) -> None:
+    """Many DX files name the view only in ViewCodeSequence: the router reads it too."""
+    path = _radiograph(tmp_path / "cr.dcm")
+    ds = pydicom.dcmread(path)
+    del ds.ViewPosition
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-XXXXX", "SRT", meaning
+    ds.ViewCodeSequence = [code]
+    ds.save_as(path, enforce_file_format=True)
+    decision, _ = route_series([_series([path])], make_analyzer(tmp_path).registry)
+    (chest,) = [r for r in decision.routes if r.model == CHEST_MODEL]
+    assert (chest.series is not None) is runs, chest.reason

@@ -25,6 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from triage.preprocess.views import view_position
+
 __all__ = [
     "SeriesInfo",
     "SeriesRule",
@@ -40,31 +42,6 @@ AXIS_TOLERANCE_DEG = 32.0
 
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _ENHANCED_CT = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
-_HEADER_KEYWORDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPClassUID",
-    "Modality",
-    "SeriesNumber",
-    "ImageType",
-    "ConvolutionKernel",
-    "SliceThickness",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
-    "BodyPartExamined",
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
-    "RequestedProcedureDescription",
-    "ViewPosition",
-    "ImageLaterality",
-    "Laterality",
-    "ReconstructionDiameter",
-    "PixelSpacing",
-    "Columns",
-    "ContrastBolusAgent",
-    "NumberOfFrames",
-)
 
 
 @dataclass(frozen=True)
@@ -229,10 +206,12 @@ def series_info_from_headers(headers: Sequence[Dataset]) -> SeriesInfo:
             "SeriesDescription",
             "ProtocolName",
             "RequestedProcedureDescription",
-            "ViewPosition",
             "SeriesNumber",
         )
     }
+    # ViewPosition, else the view code or description words (radiographs without the
+    # attribute): the normalised view, "" when unknown.
+    text["ViewPosition"] = view_position(first) or ""
     text["Laterality"] = str(first.get("ImageLaterality", "") or first.get("Laterality", ""))
     text["AnatomicRegionCodes"] = _region_codes(first)
     image_type = tuple(str(v).strip().upper() for v in (first.get("ImageType") or []))

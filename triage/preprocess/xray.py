@@ -31,7 +31,6 @@ and shapes only.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from pydicom.uid import (
 
 from triage.preprocess.ct import IMAGE_KEY
 from triage.preprocess.errors import InputContractError, PreprocessError
+from triage.preprocess.views import view_position
 
 __all__ = [
     "DATA_WINDOW_PERCENTILES",
@@ -102,28 +102,6 @@ _FOR_PROCESSING_SOP: Final[frozenset[str]] = frozenset(
     }
 )
 
-# ViewPosition defined terms for CR/DX (PS3.3 C.8.11.5), kept as they are.
-_VIEW_TERMS: Final[frozenset[str]] = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO"})
-# Words recognised inside a free-text ViewPosition or SeriesDescription.
-_VIEW_WORDS: Final[Mapping[str, str]] = {
-    "PA": "PA",
-    "AP": "AP",
-    "LAT": "LATERAL",
-    "LATERAL": "LATERAL",
-}
-# Phrases of a ViewCodeSequence CodeMeaning (CID 4010 and similar), most specific first.
-_VIEW_MEANINGS: Final[tuple[tuple[str, str], ...]] = (
-    ("left lateral decubitus", "LLD"),
-    ("right lateral decubitus", "RLD"),
-    ("postero-anterior", "PA"),
-    ("posteroanterior", "PA"),
-    ("antero-posterior", "AP"),
-    ("anteroposterior", "AP"),
-    ("latero-medial", "LATERAL"),
-    ("left lateral", "LL"),
-    ("right lateral", "RL"),
-    ("lateral", "LATERAL"),
-)
 _LATERALITIES: Final[frozenset[str]] = frozenset({"L", "R", "B", "U"})
 
 
@@ -329,27 +307,6 @@ def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, SpacingSo
     return imager, "ImagerPixelSpacing"
 
 
-def _view_from_text(text: str, words: Mapping[str, str], terms: frozenset[str]) -> str | None:
-    value = text.strip().upper()
-    if value in terms:
-        return value
-    found = {words[t] for t in re.findall(r"[A-Z]+", value) if t in words}
-    return found.pop() if len(found) == 1 else None
-
-
-def _view_position(ds: pydicom.Dataset) -> str | None:
-    """Normalised view: ViewPosition, else ViewCodeSequence, else SeriesDescription words."""
-    view = _view_from_text(str(ds.get("ViewPosition") or ""), _VIEW_WORDS, _VIEW_TERMS)
-    if view is not None:
-        return view
-    for item in ds.get("ViewCodeSequence") or []:
-        meaning = str(item.get("CodeMeaning") or "").lower()
-        for phrase, code in _VIEW_MEANINGS:
-            if phrase in meaning:
-                return code
-    return _view_from_text(str(ds.get("SeriesDescription") or ""), _VIEW_WORDS, frozenset())
-
-
 def _laterality(ds: pydicom.Dataset) -> str | None:
     for keyword in ("ImageLaterality", "Laterality"):
         value = str(ds.get(keyword) or "").strip().upper()
@@ -510,7 +467,7 @@ def load_radiograph(path: Path, fallback_window: FallbackWindow = "data") -> XRa
         pixels=pixels,
         pixel_spacing_mm=spacing,
         spacing_source=spacing_source,
-        view_position=_view_position(ds),
+        view_position=view_position(ds),
         laterality=_laterality(ds),
         body_part=body_part,
         photometric=photometric,
