@@ -86,8 +86,9 @@ def test_chest_radiograph_gets_findings_and_a_saliency_overlay(
     png = httpx.get(f"{server.http_url}/api/studies/{uid}/overlays/pneumothorax.png", timeout=30)
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
-    items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
-    (item,) = [i for i in items if i["StudyInstanceUID"] == uid]
+    doc = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
+    assert doc["critical_findings"] == ["intracranial_haemorrhage", "pneumothorax"]
+    (item,) = [i for i in doc["items"] if i["StudyInstanceUID"] == uid]
     assert [f["finding"] for f in item["findings"]] == codes
     pneumothorax = detail["findings"][0]
     if pneumothorax["flag"]:  # random weights: whatever they say, the policy follows
@@ -128,8 +129,8 @@ def test_head_ct_and_chest_radiograph_in_one_study_get_both_models(
     assert ich["flag"] is True and ich["severity"] in ("high", "standard")
     assert ich["details"]["largest_lesion_ml"] > 0
     assert {"intracranial_haemorrhage", "pneumothorax"} <= set(detail["overlays"])
-    runs = {m["model"]: m["status"] for m in detail["routing"]["models"] if m["run"]}
-    assert runs == {"blast-ct-v1": "ok", CHEST_MODEL: "ok"}
+    runs = {m["model"]: (m["status"], m["version"]) for m in detail["routing"]["models"]}
+    assert runs == {"blast-ct-v1": ("ok", "1.0.0"), CHEST_MODEL: ("ok", "1.0.0")}
     items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
     (item,) = [i for i in items if i["StudyInstanceUID"] == study_uid]
     assert item["priority_class"] == "critical"

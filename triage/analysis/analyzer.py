@@ -141,6 +141,15 @@ class Analyzer:
         specs = load_specs(settings.model_specs_dir, settings.models)
         return cls(ModelRegistry(specs, options))
 
+    def warm_up(self) -> None:
+        """Build every installed model now (imports its libraries; weights still load on
+        first use), so that the first study does not pay for it."""
+        for spec in self.registry.specs:
+            try:
+                self.registry.model(spec.name)
+            except Exception:  # a model that cannot be built fails open on its studies
+                log.exception("model %s could not be built", spec.name)
+
     def analyze(self, study_uid: str, series: Sequence[SeriesFiles]) -> StudyAnalysis:
         """Analyse one study. Never raises: failures become a status and an error."""
         routing: dict[str, Any] = {}
@@ -171,13 +180,15 @@ class Analyzer:
             analysis.findings.extend(output_findings)
             analysis.overlays.update(overlays)
         for entry in routing.get("models", []):
+            entry["version"] = self.registry.spec(entry["model"]).version
             for run in analysis.runs:
                 if run.model == entry.get("model"):
                     entry["status"] = run.status.value
                     entry["error"] = run.error
+                    entry["timing_s"] = dict(run.timing_s)
         analysis.ai_status = _study_status(analysis.runs)
         errors = [f"{r.model}: {r.error}" for r in analysis.runs if r.error]
-        analysis.error = "; ".join(errors)[:1000] or None
+        analysis.error = "; ".join(errors)[:2000] or None
         return analysis
 
     def _run_model(
@@ -190,11 +201,11 @@ class Analyzer:
             output = model.run(chosen.paths, chosen.SeriesInstanceUID)
         except IncompleteSeriesError as exc:
             log.warning("%s: incomplete series: %s", name, type(exc).__name__)
-            run.status, run.error = AIStatus.incomplete_series, str(exc)[:500]
+            run.status, run.error = AIStatus.incomplete_series, str(exc)[:1000]
             return run, [], {}
         except _EXPECTED_ERRORS as exc:
             log.warning("%s failed: %s", name, type(exc).__name__)
-            run.status, run.error = AIStatus.failed, str(exc)[:500]
+            run.status, run.error = AIStatus.failed, str(exc)[:1000]
             return run, [], {}
         except Exception as exc:  # fail open: the other models' findings still count
             log.exception("%s failed unexpectedly", name)

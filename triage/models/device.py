@@ -3,8 +3,8 @@
 Precision is chosen by what the hardware computes natively, as torch (oneDNN's CPU
 detection) reports it, never by the CPU's brand: bf16 on a CPU with AVX512-BF16 or AMX tiles
 (on the project's AMD EPYC with AVX512-BF16, member 7 of BLAST-CT on the real head CT took
-26.3 s in bf16 against 55.5 s in fp32 with the same volumes to 0.001 ml), fp32 elsewhere
-(bf16 emulated in software is slower than fp32).
+21.6 s in bf16 against 49.5 s in fp32 with the same volumes to 0.001 ml; docs/benchmarks.md),
+fp32 elsewhere (bf16 emulated in software is slower than fp32).
 """
 
 from __future__ import annotations

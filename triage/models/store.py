@@ -192,9 +192,8 @@ class ModelStore:
         if not failures:  # no mirror and downloads disabled
             failures.append("no mirror configured and downloads are disabled")
         raise ModelWeightsError(
-            f"model weights {label} (sha256 {expected or 'not pinned'}) are not available: "
-            + "; ".join(failures)
-            + f". To fix: {MIRROR_HINT}."
+            f"model weights {label} (sha256 {expected or 'not pinned'}) are not available. "
+            f"To fix: {MIRROR_HINT}. Tried: " + "; ".join(failures)
         )
 
     def read_verified(

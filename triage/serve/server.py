@@ -33,6 +33,7 @@ class TriageService:
         self.db = Database(settings.resolved_database_url)
         self.db.migrate()
         self.analyzer = Analyzer.from_settings(settings)
+        self.analyzer.warm_up()
         policy = load_policy(settings.policy_file)
         # Events are queued for the webhook only when one is configured.
         webhook_kinds = frozenset(settings.webhook_kinds) if settings.webhook_url else frozenset()

@@ -155,6 +155,10 @@ def worklist(
         "items": items,
         "policy": POLICY_VERSION,
         "policy_config": config.digest(),
+        # Findings that make a study critical under this policy (the page shows them in red).
+        "critical_findings": sorted(
+            code for code, rule in config.findings.items() if rule.escalate_to == "critical"
+        ),
         "generated_at": now.isoformat(),
     }
 
