@@ -213,3 +213,15 @@ def test_view_from_the_view_code_when_view_position_is_absent(
     decision, _ = route_series([_series([path])], make_analyzer(tmp_path).registry)
     (chest,) = [r for r in decision.routes if r.model == CHEST_MODEL]
     assert (chest.series is not None) is runs, chest.reason
+
+
+@pytest.mark.realdata
+def test_a_real_radiograph_stored_as_secondary_capture_reaches_the_chest_model(
+    tmp_path: Path, xray_dir: Path
+) -> None:
+    """SIIM-ACR's radiographs are Secondary Capture objects with Modality CR: radiographs
+    all the same (a CT dose screen is kept away by the head model's rule, not this one)."""
+    path = xray_dir / "siim-cr-chest.dcm"
+    decision, _ = route_series([_series([path])], make_analyzer(tmp_path).registry)
+    (chest,) = [r for r in decision.routes if r.model == CHEST_MODEL]
+    assert chest.series is not None, chest.reason
