@@ -70,29 +70,45 @@ def serve(verbose: Verbose = False) -> None:
     service.serve_forever()
 
 
+def _finding_text(f: dict[str, Any]) -> str:
+    """One flagged finding in a few words: its name, its measure, its severity."""
+    name = str(f["finding"]).replace("_", " ")
+    blood = f.get("details", {}).get("blood_volume_ml")
+    measure = f"{blood:.1f} ml" if blood is not None else f"score {f['score']:.2f}"
+    severity = f" [{f['severity']}]" if f.get("severity") == "high" else ""
+    return f"{name} {measure}{severity}"
+
+
 def print_worklist(doc: dict[str, Any]) -> None:
+    """The worklist as a table; study text is shown as text (never as console markup), and
+    each failed model's reason is listed under the table."""
+    from rich.text import Text
+
     table = Table(title="Reading worklist")
-    for col in ("#", "Study", "Modality", "AI", "Finding", "Class / due", "Reader", "Why here"):
+    for col in ("#", "Study", "Modality", "AI", "Flagged", "Class / due", "Reader", "Why here"):
         table.add_column(col)
+    errors: list[str] = []
     for item in doc["items"]:
-        finding = "; ".join(
-            f"{f['finding']} {'FLAG' if f['flag'] else 'no flag'} "
-            f"(blood {sum(v for k, v in f['volumes_ml'].items() if k != 'oedema'):.1f} ml)"
-            for f in item["findings"]
-        )
-        style = "bold red" if any(f["flag"] for f in item["findings"]) else None
+        flagged = [_finding_text(f) for f in item["findings"] if f["flag"]]
+        read = [f for f in item["findings"] if not f["flag"]]
+        summary = "; ".join(flagged) or ("no flag" if read else "-")
+        style = "bold red" if item.get("priority_class") == "critical" else None
+        if item.get("ai_error"):
+            errors.append(f"#{item['rank']}: {item['ai_error']}")
         table.add_row(
             str(item["rank"]),
-            item.get("StudyDescription") or item["StudyInstanceUID"][-16:],
+            Text(item.get("StudyDescription") or item["StudyInstanceUID"][-16:]),
             "/".join(item.get("ModalitiesInStudy") or []),
-            item["ai_status"] + (f" ({item['ai_error']})" if item.get("ai_error") else ""),
-            finding or "-",
+            item["ai_status"] + (" (see below)" if item.get("ai_error") else ""),
+            Text(summary),
             f"{item.get('priority_class', '')} {str(item.get('deadline', ''))[11:16]}",
-            item.get("claimed_by") or "",
+            Text(item.get("claimed_by") or ""),
             ", ".join(item["reasons"]),
             style=style,
         )
     console.print(table)
+    for line in errors:
+        console.print(Text(line), highlight=False)
 
 
 @app.command("models")
