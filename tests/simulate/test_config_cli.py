@@ -67,7 +67,7 @@ def test_defaults_give_the_intended_load() -> None:
     [
         {"arrival_profile": [1.0] * 23},
         {"ai_modalities": ["PET"]},
-        {"finding_code": "pneumothorax"},
+        {"finding_code": "pleural_effusion"},  # reported by a model, never escalated
         {"sensitivity": 1.5},
         {"radiologists_by_hour": [0] * 24},
         {"modalities": {"CR": {"fraction": 1, "median_minutes": 3, "p90_minutes": 2}}},
