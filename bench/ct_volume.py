@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from cpuload import busy_cpu_seconds, own_cpu_seconds
 
 from triage.preprocess.ct import HU_AIR, load_ct_series, resample_isotropic
 
@@ -47,22 +47,6 @@ def sitk_read(names: list[str]) -> sitk.Image:
 
 def sitk_sorted_names(folder: Path) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy (not idle or waiting for I/O) since boot."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def timed(fn: Callable[[], Any]) -> float:

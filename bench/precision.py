@@ -29,27 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from cpuload import busy_cpu_seconds, own_cpu_seconds
 
 from triage.models.device import cpu_info, default_precision
 from triage.models.haemorrhage import HaemorrhageModel, HaemorrhageResult
 from triage.models.store import ModelStore
 from triage.preprocess.ct import prepare_head_ct
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy (not idle or waiting for I/O) since boot."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

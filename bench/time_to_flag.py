@@ -31,19 +31,10 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from cpuload import busy_cpu_seconds
 
 from triage.demo.run import dcmtk_tool, storescu_commands
 from triage.serve.launcher import ServerProcess
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy (not idle or waiting for I/O) since boot."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int | None) -> float:

@@ -42,6 +42,7 @@ import numpy as np
 import pydicom
 import torch
 import torchxrayvision as xrv
+from cpuload import busy_cpu_seconds, own_cpu_seconds
 
 from triage.models.catalog import builtin_spec
 from triage.models.chest import ChestXrayModel, build_network, read_state_dict
@@ -78,22 +79,6 @@ def write_random_weights(mirror: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net, path)
     return path
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy (not idle or waiting for I/O) since boot."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def sync(device: torch.device) -> None:
