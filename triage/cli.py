@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import sys
+import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from triage.config import Settings
 
@@ -18,9 +23,64 @@ if TYPE_CHECKING:
     from triage.db import Database
 
 app = typer.Typer(
-    add_completion=False, help="Radiology triage: DICOM in, prioritised worklist out."
+    add_completion=False,
+    help="Radiology triage: DICOM in, prioritised worklist out. Settings come from TRIAGE_*"
+    " environment variables (or a .env file); the data folder (database, DICOM store,"
+    " results) is TRIAGE_DATA_DIR, default ./triage-data, or --data-dir.",
 )
 console = Console()
+
+# Never written to the terminal as they are: they come from DICOM headers and other input
+# and could move the cursor, retitle the window or reorder what is shown.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def _shown(ch: str) -> str:
+    if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+        return ch.encode("unicode_escape").decode("ascii")  # ESC -> \x1b, newline -> \n
+    return ch
+
+
+def printable(value: object) -> str:
+    """``value`` as text that is safe to write to a terminal: control characters (ESC and
+    every other C0/C1 control, DEL, line separators, bidirectional overrides) are shown as
+    escapes such as ``\\x1b``. Print the result as :class:`rich.text.Text` (or with
+    ``markup=False``) so that brackets in it are not read as console markup."""
+    text = str(value)
+    return text if text.isprintable() else "".join(_shown(ch) for ch in text)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with ``code``."""
+    typer.echo(f"error: {printable(message)}", err=True)
+    raise typer.Exit(code)
+
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The data folder (database, DICOM store, results, model cache). Default: the"
+        " TRIAGE_DATA_DIR environment variable, else ./triage-data.",
+        show_default=False,
+        file_okay=False,
+    ),
+]
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    """The settings, with ``--data-dir`` (when given) in place of TRIAGE_DATA_DIR."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TRIAGE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        _fail(f"invalid setting: {problems}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -37,37 +97,125 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
-def _open_db(settings: Settings) -> Database:
-    """The configured database, migrated to the newest schema."""
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL (None: not SQLite, or in memory)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _open_db(settings: Settings, *, create: bool = True) -> Database:
+    """The configured database, migrated to the newest schema.
+
+    Args:
+        settings: the settings.
+        create: make a new SQLite database when there is none (commands that store data);
+            False for commands that only read: a missing database is then an error naming
+            the folder (TRIAGE_DATA_DIR, ``--data-dir``), and no empty database is left there.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     from triage.db import Database
 
-    db = Database(settings.resolved_database_url)
-    db.migrate()
+    url = settings.resolved_database_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    file = _sqlite_file(url)
+    if not create and file is not None and not file.is_file():
+        if settings.database_url is None:
+            _fail(
+                f"no triage database in {settings.data_dir.resolve()} (no {file.name} there):"
+                " give the data folder with --data-dir or TRIAGE_DATA_DIR, or create it with"
+                " `triage import` or `triage serve`"
+            )
+        _fail(f"the database {shown} (TRIAGE_DATABASE_URL) does not exist")
+    try:
+        db = Database(url)
+        db.migrate()
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _fail(f"cannot open the database {shown}: {reason}")
     return db
+
+
+def _port_in_use(host: str, port: int, what: str, setting: str, host_setting: str) -> None:
+    """Exit with one line naming the port and its setting when ``host:port`` cannot be
+    listened on (e.g. another ``triage serve`` holds it). Binds a test socket the way the
+    servers do (SO_REUSEADDR), so a port left in TIME_WAIT counts as free."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        _fail(f"cannot listen for {what} on {host}: unknown address ({exc}); check {host_setting}")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                _fail(
+                    f"the {what} port {port} on {host} is already in use (another triage"
+                    f" serve?): stop that program or set {setting} to a free port"
+                )
+            _fail(
+                f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc};"
+                f" check {host_setting} and {setting}"
+            )
+
+
+def _check_ports(settings: Settings) -> None:
+    """The DICOM and HTTP ports can be listened on (one line and exit 2 when not)."""
+    if settings.dicom_port == settings.http_port:
+        _fail(
+            f"TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT are both {settings.http_port}:"
+            " give them different ports"
+        )
+    _port_in_use(
+        settings.dicom_host, settings.dicom_port, "DICOM", "TRIAGE_DICOM_PORT", "TRIAGE_DICOM_HOST"
+    )
+    _port_in_use(
+        settings.http_host, settings.http_port, "web (HTTP)", "TRIAGE_HTTP_PORT", "TRIAGE_HTTP_HOST"
+    )
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
 @app.command()
-def serve(verbose: Verbose = False) -> None:
-    """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*)."""
+def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
+    """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*; ports
+    TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT)."""
     _setup_logging(verbose)
     from triage.models.spec import SpecError
     from triage.serve.server import TriageService
 
-    settings = Settings()
+    settings = _settings(data_dir)
+    _check_ports(settings)
     try:
         service = TriageService(settings)
     except SpecError as exc:
-        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        console.print(f"[red]model configuration:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
-    console.print(
-        f"[bold]triage[/] DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
-        f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}",
-        highlight=False,
+    where = (
+        f"DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
+        f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}"
     )
-    service.serve_forever()
+    console.print(f"[bold]triage[/] {escape(printable(where))}", highlight=False)
+    try:
+        service.serve_forever()
+    except OSError as exc:
+        # The ports were free a moment ago; another program took one since (the DICOM
+        # listener raises; the web server logs its own error and exits 1).
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        _fail(
+            f"the DICOM port {settings.dicom_port} on {settings.dicom_host} is already in use:"
+            " stop that program or set TRIAGE_DICOM_PORT to a free port"
+        )
 
 
 def _finding_text(f: dict[str, Any]) -> str:
@@ -79,11 +227,15 @@ def _finding_text(f: dict[str, Any]) -> str:
     return f"{name} {measure}{severity}"
 
 
-def print_worklist(doc: dict[str, Any]) -> None:
-    """The worklist as a table; study text is shown as text (never as console markup), and
-    each failed model's reason is listed under the table."""
-    from rich.text import Text
+def _cell(value: object) -> Text:
+    """A table cell from data: printable text, never console markup."""
+    return Text(printable(value))
 
+
+def print_worklist(doc: dict[str, Any]) -> None:
+    """The worklist as a table; every value from the database is shown as text (never as
+    console markup, control characters escaped), and each failed model's reason is listed
+    under the table."""
     table = Table(title="Reading worklist")
     for col in ("#", "Study", "Modality", "AI", "Flagged", "Class / due", "Reader", "Why here"):
         table.add_column(col)
@@ -96,24 +248,25 @@ def print_worklist(doc: dict[str, Any]) -> None:
         if item.get("ai_error"):
             errors.append(f"#{item['rank']}: {item['ai_error']}")
         table.add_row(
-            str(item["rank"]),
-            Text(item.get("StudyDescription") or item["StudyInstanceUID"][-16:]),
-            "/".join(item.get("ModalitiesInStudy") or []),
-            item["ai_status"] + (" (see below)" if item.get("ai_error") else ""),
-            Text(summary),
-            f"{item.get('priority_class', '')} {str(item.get('deadline', ''))[11:16]}",
-            Text(item.get("claimed_by") or ""),
-            ", ".join(item["reasons"]),
+            _cell(item["rank"]),
+            _cell(item.get("StudyDescription") or item["StudyInstanceUID"][-16:]),
+            _cell("/".join(item.get("ModalitiesInStudy") or [])),
+            _cell(item["ai_status"] + (" (see below)" if item.get("ai_error") else "")),
+            _cell(summary),
+            _cell(f"{item.get('priority_class', '')} {str(item.get('deadline', ''))[11:16]}"),
+            _cell(item.get("claimed_by") or ""),
+            _cell(", ".join(item["reasons"])),
             style=style,
         )
     console.print(table)
     for line in errors:
-        console.print(Text(line), highlight=False)
+        console.print(_cell(line), highlight=False)
 
 
 @app.command("models")
 def models_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
 ) -> None:
     """List the installed models: what each reads, its findings and thresholds, the state of
     its weights and the device it would run on."""
@@ -121,12 +274,12 @@ def models_cmd(
     from triage.models.device import cpu_info
     from triage.models.spec import SpecError
 
-    settings = Settings()
+    settings = _settings(data_dir)
     try:
         registry = Analyzer.from_settings(settings).registry
         models = registry.inventory()
     except (SpecError, ValueError) as exc:
-        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        console.print(f"[red]model configuration:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     cpu = cpu_info()
     doc = {"models": models, "cpu": cpu, "mirror": settings.model_mirror}
@@ -161,13 +314,19 @@ def models_cmd(
 @app.command()
 def worklist(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
+    data_dir: DataDir = None,
 ) -> None:
-    """Print the reading worklist from the database (the same document as GET /api/worklist)."""
+    """Print the reading worklist from the database in the data folder (the same document as
+    GET /api/worklist)."""
     from triage.worklist.priority import load_policy
     from triage.worklist.service import worklist as build
 
-    settings = Settings()
-    doc = build(_open_db(settings), config=load_policy(settings.policy_file))
+    settings = _settings(data_dir)
+    try:
+        policy = load_policy(settings.policy_file)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read the policy file {settings.policy_file} (TRIAGE_POLICY_FILE): {exc}")
+    doc = build(_open_db(settings, create=False), config=policy)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -177,9 +336,11 @@ def worklist(
 @app.command("import")
 def import_cmd(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    data_dir: DataDir = None,
     verbose: Verbose = False,
 ) -> None:
-    """Import DICOM files through the same validation and storage as the DICOM listener.
+    """Import DICOM files into the data folder through the same validation and storage as the
+    DICOM listener.
 
     Files that are rejected are kept in quarantine with the reason (see ``triage quarantine``).
     A running ``triage serve`` on the same data directory picks the studies up for analysis.
@@ -191,13 +352,16 @@ def import_cmd(
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
+        console.print(f"[red]no such file or folder:[/] {escape(printable(', '.join(missing)))}")
         raise typer.Exit(2)
     files: list[Path] = []
     for p in paths:
         files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
-    settings = Settings()
-    settings.ensure_dirs()
+    settings = _settings(data_dir)
+    try:
+        settings.ensure_dirs()
+    except OSError as exc:
+        _fail(f"cannot create the data folder {settings.data_dir}: {exc.strerror or exc}")
     ingestor = Ingestor.from_settings(settings, _open_db(settings))
     counts = {"stored": 0, "with warning": 0, "duplicate": 0, "rejected": 0}
     rejected: list[tuple[Path, str]] = []
@@ -222,7 +386,8 @@ def import_cmd(
             counts[key] += 1
             progress.advance(task)
     for path, reason in rejected[:20]:
-        console.print(f"[red]rejected[/] {path}: {reason}", markup=True, highlight=False)
+        line = Text.assemble(("rejected", "red"), f" {printable(path)}: {printable(reason)}")
+        console.print(line, highlight=False)
     if len(rejected) > 20:
         console.print(f"... and {len(rejected) - 20} more")
     console.print(
@@ -237,11 +402,13 @@ def import_cmd(
 @app.command("quarantine")
 def quarantine_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
+    data_dir: DataDir = None,
 ) -> None:
-    """List rejected input kept in quarantine, newest first (the same as GET /api/quarantine)."""
+    """List rejected input kept in quarantine in the data folder, newest first (the same as
+    GET /api/quarantine)."""
     from triage.ingest.store import quarantine_listing
 
-    db = _open_db(Settings())
+    db = _open_db(_settings(data_dir), create=False)
     doc = quarantine_listing(db)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -251,12 +418,12 @@ def quarantine_cmd(
         table.add_column(col)
     for item in doc["items"]:
         table.add_row(
-            str(item["id"]),
-            str(item["received_at"])[:19],
-            str(item["source"]),
-            str(item["status"]),
-            str(item["reason"]),
-            str(item["sha256"])[:12],
+            _cell(item["id"]),
+            _cell(str(item["received_at"])[:19]),
+            _cell(item["source"]),
+            _cell(item["status"]),
+            _cell(item["reason"]),
+            _cell(str(item["sha256"])[:12]),
         )
     console.print(table)
 
@@ -265,23 +432,25 @@ def quarantine_cmd(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run preprocessing and the models on DICOM files without a server."""
+    """Run preprocessing and the models on DICOM files without a server (weights are cached
+    under the data folder). Exits 1 when no study could be analysed (ok or partial)."""
     _setup_logging(verbose)
     from triage.analysis import Analyzer, group_files
 
-    settings = Settings()
+    settings = _settings(data_dir)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        console.print(f"[red]no such file or folder:[/] {', '.join(missing)}")
+        console.print(f"[red]no such file or folder:[/] {escape(printable(', '.join(missing)))}")
         raise typer.Exit(2)
     from triage.models.spec import SpecError
 
     try:
         analyzer = Analyzer.from_settings(settings)
     except SpecError as exc:
-        console.print(f"[red]model configuration:[/] {exc}", highlight=False)
+        console.print(f"[red]model configuration:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     studies = group_files(paths)
     if not studies:
@@ -291,19 +460,43 @@ def predict(
     doc = {"studies": results}
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        return
-    for r in results:
-        console.print(f"[bold]{r['StudyInstanceUID']}[/]: {r['ai_status']} {r['error'] or ''}")
-        for run in r["runs"]:
-            if run["error"]:
-                console.print(f"  {run['model']}: {run['status']} {run['error']}")
-        for f in r["findings"]:
-            vols = ", ".join(f"{k} {v:.2f} ml" for k, v in f["volumes_ml"].items())
-            extra = f" severity={f['severity']}" if f.get("severity") else ""
-            console.print(
-                f"  {f['finding']} ({f['model']['name']}): flag={f['flag']} "
-                f"score={f['score']:.3f}{extra}" + (f" ({vols})" if vols else "")
+    else:
+        for r in results:
+            head = Text.assemble(
+                (printable(r["StudyInstanceUID"]), "bold"),
+                f": {r['ai_status']} {printable(r['error'] or '')}",
             )
+            console.print(head, highlight=False)
+            for run in r["runs"]:
+                if run["error"]:
+                    line = f"  {run['model']}: {run['status']} {run['error']}"
+                    console.print(_cell(line), highlight=False)
+            for f in r["findings"]:
+                vols = ", ".join(f"{k} {v:.2f} ml" for k, v in f["volumes_ml"].items())
+                extra = f" severity={f['severity']}" if f.get("severity") else ""
+                line = (
+                    f"  {f['finding']} ({f['model']['name']}): flag={f['flag']} "
+                    f"score={f['score']:.3f}{extra}" + (f" ({vols})" if vols else "")
+                )
+                console.print(_cell(line), highlight=False)
+    if not any(r["ai_status"] in ("ok", "partial") for r in results):
+        _fail(f"no study was analysed: {_why_not_analysed(results)}", 1)
+
+
+def _why_not_analysed(results: list[dict[str, Any]]) -> str:
+    """Why none of the studies was analysed: each outcome with its count and first reason
+    (the models' error, else the router's reason)."""
+    outcomes: dict[str, tuple[int, str | None]] = {}
+    for r in results:
+        count, reason = outcomes.get(r["ai_status"], (0, None))
+        reason = reason or r.get("error") or (r.get("routing") or {}).get("reason")
+        outcomes[r["ai_status"]] = (count + 1, reason)
+    parts = []
+    for status, (count, reason) in outcomes.items():
+        if status == "no_applicable_model":
+            reason = "; ".join(filter(None, [reason, "the installed models: `triage models`"]))
+        parts.append(f"{count} {status.replace('_', ' ')}" + (f" ({reason})" if reason else ""))
+    return "; ".join(parts)
 
 
 @app.command("simulate")
@@ -355,13 +548,25 @@ def demo(
     keep_serving: Annotated[
         bool, typer.Option("--keep-serving/--exit", help="Keep serving the page afterwards.")
     ] = True,
+    data_dir: DataDir = None,
     verbose: Verbose = False,
 ) -> None:
-    """Start the server, send demo studies over DICOM, wait for the AI, show the worklist."""
+    """Start the server, send demo studies over DICOM, wait for the AI, show the worklist.
+    Exits 1 when the AI could analyse none of them (the reason is printed)."""
     _setup_logging(verbose)
-    from triage.demo.run import run_demo
+    from triage.demo.run import DemoError, run_demo
+    from triage.models.spec import SpecError
 
-    run_demo(Settings(), console=console, keep_serving=keep_serving, print_worklist=print_worklist)
+    settings = _settings(data_dir)
+    _check_ports(settings)
+    try:
+        run_demo(
+            settings, console=console, keep_serving=keep_serving, print_worklist=print_worklist
+        )
+    except SpecError as exc:
+        _fail(f"model configuration: {exc}")
+    except DemoError as exc:
+        _fail(str(exc), 1)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,30 @@ def make_demo_studies(out_dir: Path) -> list[tuple[str, list[Path]]]:
     return studies
 
 
+class DemoError(Exception):
+    """The demo ran but did not show what it is for: the AI analysed none of the studies."""
+
+
+def demo_problem(doc: dict[str, Any], timeout_s: float) -> str | None:
+    """Why the demo failed, from the worklist document after the wait (None: it worked,
+    at least one study was analysed ``ok`` or ``partial``)."""
+    items = doc["items"]
+    if not items:
+        return "no demo study reached the worklist"
+    if any(i["ai_status"] in ("ok", "partial") for i in items):
+        return None
+    pending = [i for i in items if i["ai_status"] == "pending"]
+    if pending:
+        return (
+            f"the AI did not finish {len(pending)} of {len(items)} demo studies within"
+            f" {timeout_s:.0f} s"
+        )
+    reasons = list(dict.fromkeys(i["ai_error"] for i in items if i.get("ai_error")))
+    statuses = ", ".join(sorted({i["ai_status"] for i in items}))
+    why = "; ".join(reasons) if reasons else f"AI status {statuses}"
+    return f"the AI analysed none of the {len(items)} demo studies: {why}"
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -165,6 +189,12 @@ def run_demo(
     print_worklist: Callable[[dict[str, Any]], None],
     timeout_s: float = 900.0,
 ) -> None:
+    """Serve, send the demo studies, wait for the AI and print the worklist.
+
+    Raises:
+        DemoError: no study was analysed (e.g. the model weights are missing); the worklist
+            has been printed, and the server is stopped.
+    """
     from triage.serve.server import TriageService
     from triage.worklist.service import worklist
 
@@ -192,8 +222,13 @@ def run_demo(
                 if doc["items"] and all(i["ai_status"] != "pending" for i in doc["items"]):
                     break
                 time.sleep(1.0)
-        console.print(f"AI finished in {time.monotonic() - t0:.0f} s")
-        print_worklist(worklist(service.db))
+        doc = worklist(service.db)
+        problem = demo_problem(doc, timeout_s)
+        if not any(i["ai_status"] == "pending" for i in doc["items"]):
+            console.print(f"AI finished in {time.monotonic() - t0:.0f} s")
+        print_worklist(doc)
+        if problem is not None:
+            raise DemoError(problem)
         if keep_serving:
             console.print(f"Open {url} to see the worklist. Ctrl-C stops.", highlight=False)
             while True:

@@ -25,6 +25,9 @@ WORKLIST_CHANGED = "worklist_changed"
 TASK = "task"
 KINDS: tuple[str, ...] = (CRITICAL_FINDING, WORKLIST_CHANGED, TASK)
 """Every event kind the server emits."""
+MAX_EVENT_ID = 2**63 - 1
+"""The largest id a reader may resume after: the range of a 64-bit integer column (SQLite's
+INTEGER; a larger number cannot even be compared with an id there)."""
 
 
 def _utc(value: datetime) -> datetime:
@@ -111,6 +114,16 @@ def events_after(
     with db.session() as s:
         rows = s.scalars(stmt.order_by(EventRow.id).limit(limit)).all()
         return [event_of_row(r) for r in rows]
+
+
+def parse_event_id(text: str) -> int | None:
+    """An event id written by a client (``Last-Event-ID``), or None when ``text`` is not a
+    whole decimal number from 0 to :data:`MAX_EVENT_ID`."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_EVENT_ID)):
+        return None
+    value = int(text)
+    return value if value <= MAX_EVENT_ID else None
 
 
 def latest_id(db: Database) -> int:

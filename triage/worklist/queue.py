@@ -21,8 +21,15 @@ from triage.db import Database
 from triage.db.tables import StudyRow
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
-_READER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+# Matched with fullmatch: ``$`` would also accept a name ending in a newline ("alice\n"),
+# which plain "alice" could then never release.
+_READER_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 DEFAULT_LEASE = timedelta(minutes=15)
+MIN_LEASE = timedelta(seconds=30)
+MAX_LEASE = timedelta(hours=24)
+"""The range of a lease a reader may ask for: a shorter one lapses before the reader has
+opened the study (a lease of 1e-300 s is over when it is granted), a longer one keeps an
+abandoned study off the queue for more than a day."""
 
 
 class ClaimError(Exception):
@@ -34,7 +41,9 @@ class ClaimError(Exception):
 
 
 def check_reader(reader: str) -> str:
-    if not _READER_RE.match(reader or ""):
+    """The reader's name, if it is 1-64 ASCII letters, digits or ``. _ @ -`` (nothing else:
+    no spaces, newlines or other control characters); else a 400 ClaimError."""
+    if not _READER_RE.fullmatch(reader or ""):
         raise ClaimError(400, "reader must be 1-64 letters, digits or . _ @ -")
     return reader
 
