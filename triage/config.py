@@ -55,6 +55,32 @@ class Settings(BaseSettings):
         default=None, description="PEM certificate: the HTTP API is served over HTTPS when set."
     )
     https_key: Path | None = Field(default=None, description="PEM private key for HTTPS.")
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the web server answers to (JSON list; the Host header of other"
+        " requests gets 400, against DNS rebinding); empty: localhost, 127.0.0.1, ::1 and"
+        ' http_host unless it is a wildcard address; ["*"] turns the check off.',
+    )
+    http_max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Open HTTP connections at most; more are answered 503 and closed at once"
+        " (keeps the process's descriptors below the 1024 that the DICOM listener can use).",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection that has not sent a whole request header this long after"
+        " it opened (or after its first byte, on a kept-alive connection) is closed.",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A connection is closed when a request body stops arriving for this long.",
+    )
+    http_keepalive_seconds: int = Field(
+        default=5, ge=1, description="An idle kept-alive HTTP connection is closed after this."
+    )
     max_pixel_bytes: int = Field(
         default=4 * 1024**3,
         gt=0,
@@ -75,6 +101,19 @@ class Settings(BaseSettings):
         default="keep_first",
         description="A different instance under a known SOPInstanceUID: keep the first"
         " (the new copy goes to quarantine), replace it (and analyse again), or reject it.",
+    )
+    max_element_bytes: int = Field(
+        default=256 * 1024**2,
+        gt=0,
+        description="Refuse instances with any one element value other than pixel data (a"
+        " private blob, an encapsulated document) over this many bytes (checked from the"
+        " element's header, before its value is read).",
+    )
+    max_inflated_bytes: int = Field(
+        default=256 * 1024**2,
+        gt=0,
+        description="Refuse Deflated Explicit VR Little Endian instances whose data set"
+        " inflates to more than this many bytes (inflated in steps, never past it).",
     )
     model_mirror: str | None = Field(
         default=None,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
 from triage import __version__
@@ -23,6 +26,8 @@ from triage.events import outbox
 from triage.events.fhir import task_from_item
 from triage.events.publisher import study_item
 from triage.ingest.store import Ingestor
+from triage.serve import docs, security
+from triage.serve.health import HealthReport
 from triage.worklist import queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
@@ -37,14 +42,54 @@ def get_db(request: Request) -> Database:
 DB = Annotated[Database, Depends(get_db)]
 
 
+_MIN_LEASE_S = queue.MIN_LEASE.total_seconds()
+_MAX_LEASE_S = queue.MAX_LEASE.total_seconds()
+
+
 class ClaimRequest(BaseModel):
     reader: str = Field(description="The radiologist's user name (1-64 letters, digits, ._@-).")
-    lease_seconds: float | None = Field(default=None, gt=0, le=24 * 3600)
+    lease_seconds: float | None = Field(
+        default=None,
+        description=f"How long the claim lasts without renewal, {_MIN_LEASE_S:g} to"
+        f" {_MAX_LEASE_S:g} s (default: the server's TRIAGE_CLAIM_LEASE_SECONDS).",
+    )
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease_in_range(cls, value: float | None) -> float | None:
+        # NaN and the infinities parse as JSON numbers in Python; they are refused here.
+        if value is not None and not (
+            math.isfinite(value) and _MIN_LEASE_S <= value <= _MAX_LEASE_S
+        ):
+            raise ValueError(
+                f"lease_seconds must be a number of seconds from {_MIN_LEASE_S:g} to"
+                f" {_MAX_LEASE_S:g}"
+            )
+        return value
 
 
 class NextRequest(ClaimRequest):
     modalities: list[str] = Field(default_factory=list)
     subspecialties: list[str] = Field(default_factory=list)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as text: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def request_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 for an invalid request, with the rejected input made JSON-safe: a body
+    holding ``NaN`` or ``Infinity`` (which Python's JSON parser accepts) would otherwise
+    turn the 422 into a 500."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
 
 
 def create_app(
@@ -54,6 +99,8 @@ def create_app(
     max_upload_bytes: int = 1024**3,
     policy: PolicyConfig = DEFAULT_POLICY,
     lease_seconds: float = 900.0,
+    health_check: Callable[[], HealthReport] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """Build the app around an open (migrated) database.
 
@@ -61,11 +108,17 @@ def create_app(
         db: the database.
         ingestor: when given, DICOMweb STOW-RS (``POST /dicomweb/studies``) stores through it.
         max_upload_bytes: the largest STOW-RS request body accepted.
+        health_check: checks every component for ``/api/health`` (``triage.serve.health``);
+            None: the route answers ok whenever the app runs.
+        allowed_hosts: the ``Host`` names answered (``triage.serve.security``); None: any.
     """
-    app = FastAPI(title="triage", version=__version__)
+    app = FastAPI(title="triage", version=__version__, docs_url=None, redoc_url=None)
+    security.install(app, hosts=allowed_hosts, page=STATIC_DIR / "index.html")
+    docs.install(app)
     app.state.db = db
     app.state.policy = policy
     app.state.lease_seconds = lease_seconds
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     if ingestor is not None:
         from triage.serve.dicomweb import stow_router
 
@@ -74,8 +127,13 @@ def create_app(
         app.include_router(stow_router)
 
     @app.get("/api/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__}
+    def health() -> JSONResponse:
+        """Each component's state (database, DICOM listener, worker, disk): 200 when all
+        are healthy, else 503 with ``failing`` naming those that are not."""
+        if health_check is None:
+            return JSONResponse({"status": "ok", "version": __version__})
+        report = health_check()
+        return JSONResponse(report.to_json(__version__), status_code=200 if report.ok else 503)
 
     @app.get("/api/worklist")
     def get_worklist(
@@ -184,7 +242,10 @@ def create_app(
     @app.get("/api/events")
     async def get_events(
         request: Request,
-        after: Annotated[int | None, Query(ge=0, description="Send events after this id.")] = None,
+        after: Annotated[
+            int | None,
+            Query(ge=0, le=outbox.MAX_EVENT_ID, description="Send events after this id."),
+        ] = None,
         kinds: Annotated[
             str | None, Query(description="Comma-separated event kinds (default: all).")
         ] = None,
@@ -193,7 +254,9 @@ def create_app(
         """Server-sent events: outbox rows as ``id``/``event``/``data`` messages.
 
         Starts after the ``Last-Event-ID`` header or ``?after=`` (default: only events from
-        now on); ``?kinds=critical_finding,worklist_changed`` keeps only those kinds.
+        now on); ``?kinds=critical_finding,worklist_changed`` keeps only those kinds. An id
+        that is not a whole number from 0 to ``outbox.MAX_EVENT_ID`` is refused before the
+        stream starts (400 for the header, 422 for ``?after=``).
         """
         state = request.app.state
         wanted: frozenset[str] | None = None
@@ -206,14 +269,12 @@ def create_app(
                 )
         start: int | None = after
         if last_event_id is not None and last_event_id.strip():
-            try:
-                start = int(last_event_id.strip())
-            except ValueError:
+            start = outbox.parse_event_id(last_event_id)
+            if start is None:
                 raise HTTPException(
-                    status_code=400, detail="Last-Event-ID must be an event id"
-                ) from None
-            if start < 0:
-                raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id")
+                    status_code=400,
+                    detail=f"Last-Event-ID must be an event id (0 to {outbox.MAX_EVENT_ID})",
+                )
         db: Database = state.db
         if start is None:
             start = await run_in_threadpool(outbox.latest_id, db)

@@ -54,26 +54,30 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+    def start(self, timeout_s: float = 60.0, *, require_healthy: bool = True) -> ServerProcess:
+        """Start the child and wait until ``/api/health`` answers 200 (with
+        ``require_healthy=False``: until it answers at all, 503 included)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "triage.cli", "serve"], env=self._env, stdout=log, stderr=log
             )
         deadline = time.monotonic() + timeout_s
+        last = ""
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"triage serve exited early:\n{self.log()}")
             try:
                 # Only liveness is checked here; callers verify the certificate themselves.
-                health = httpx.get(f"{self.http_url}/api/health", timeout=1, verify=False)
-                if health.status_code == 200:
+                health = httpx.get(f"{self.http_url}/api/health", timeout=5, verify=False)
+                if health.status_code == 200 or (health.status_code == 503 and not require_healthy):
                     return self
+                last = f"/api/health answered {health.status_code}: {health.text}\n"
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"triage serve did not come up:\n{self.log()}")
+                raise RuntimeError(f"triage serve did not come up:\n{last}{self.log()}")
             time.sleep(0.2)
 
     def peak_rss_mb(self) -> float | None:

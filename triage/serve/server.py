@@ -18,7 +18,11 @@ from triage.events.webhook import WebhookConfig, WebhookSender
 from triage.ingest.scp import ScpOptions, start_scp
 from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
+from triage.serve import security
 from triage.serve.app import create_app
+from triage.serve.connections import ConnectionLimits, limited_protocol
+from triage.serve.descriptors import DicomDescriptorGuard, raise_open_file_limit
+from triage.serve.health import DicomProbe, HealthChecks
 from triage.worklist.priority import load_policy
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,9 @@ class TriageService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        limits = raise_open_file_limit()
+        if limits is not None and limits[1] > limits[0]:
+            log.info("open-file limit raised from %d to %d", *limits)
         settings.ensure_dirs()
         self.db = Database(settings.resolved_database_url)
         self.db.migrate()
@@ -51,12 +58,29 @@ class TriageService:
         stale = remove_stale_parts(settings.incoming_dir)
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted write", stale)
+        self.health = HealthChecks(
+            db=self.db,
+            disk_paths=[settings.incoming_dir, settings.store_dir, settings.results_dir],
+            min_free_bytes=settings.min_free_bytes,
+            # The Worker keeps its threads private; only their liveness is read here.
+            worker_threads=lambda: list(self.worker._threads),
+        )
+        hosts = security.allowed_hosts(settings.http_allowed_hosts, settings.http_host)
+        if not settings.http_allowed_hosts and settings.http_host in security.WILDCARD_ADDRESSES:
+            log.warning(
+                "the web server listens on %s but answers only to %s: set"
+                " TRIAGE_HTTP_ALLOWED_HOSTS to the names clients use",
+                settings.http_host,
+                ", ".join(hosts),
+            )
         self.app = create_app(
             self.db,
             ingestor=self.ingestor,
             max_upload_bytes=settings.max_upload_bytes,
             policy=policy,
             lease_seconds=settings.claim_lease_seconds,
+            health_check=self.health,
+            allowed_hosts=hosts,
         )
         self.publisher = Publisher(
             self.db,
@@ -98,21 +122,41 @@ class TriageService:
     def start_background(self) -> None:
         """Start the SCP, the worker, the event publisher and the webhook sender (the HTTP
         server is started by the caller)."""
-        self._scp = start_scp(ScpOptions.from_settings(self.settings), self.ingestor)
+        options = ScpOptions.from_settings(self.settings)
+        before = set(threading.enumerate())
+        self._scp = start_scp(options, self.ingestor)
+        # start_scp runs the accept loop on a new thread named "dicom-scp".
+        thread = next(
+            (t for t in threading.enumerate() if t.name == "dicom-scp" and t not in before), None
+        )
+        self.health.dicom = DicomProbe(
+            self._scp, thread, options, guard=DicomDescriptorGuard(self._scp)
+        )
         self.worker.start()
         self.publisher.start()
         if self.webhook is not None:
             self.webhook.start()
 
     def _uvicorn(self) -> uvicorn.Server:
+        s = self.settings
+        limits = ConnectionLimits(
+            max_connections=s.http_max_connections,
+            header_timeout_seconds=s.http_header_timeout_seconds,
+            body_timeout_seconds=s.http_body_timeout_seconds,
+        )
         config = uvicorn.Config(
             self.app,
-            host=self.settings.http_host,
-            port=self.settings.http_port,
+            host=s.http_host,
+            port=s.http_port,
             log_level="warning",
             access_log=False,
-            ssl_certfile=self.settings.https_cert,
-            ssl_keyfile=self.settings.https_key,
+            ssl_certfile=s.https_cert,
+            ssl_keyfile=s.https_key,
+            # Connections past the cap are refused (503) by the protocol class; the
+            # kernel's queue of connections not yet accepted holds no more than that.
+            http=limited_protocol(limits),
+            backlog=s.http_max_connections,
+            timeout_keep_alive=s.http_keepalive_seconds,
         )
         server = uvicorn.Server(config)
         self._http_servers.append(server)
