@@ -25,9 +25,9 @@ WORKLIST_CHANGED = "worklist_changed"
 TASK = "task"
 KINDS: tuple[str, ...] = (CRITICAL_FINDING, WORKLIST_CHANGED, TASK)
 """Every event kind the server emits."""
-MAX_EVENT_ID = 2**63 - 1
-"""The largest id a reader may resume after: the range of a 64-bit integer column (SQLite's
-INTEGER; a larger number cannot even be compared with an id there)."""
+MAX_EVENT_ID = 2**31 - 1
+"""The largest id a reader may resume after: the range of the events table's id column (a
+32-bit INTEGER on PostgreSQL, where a larger number cannot even be compared with an id)."""
 
 
 def _utc(value: datetime) -> datetime:

@@ -60,9 +60,6 @@ def free_select_descriptors() -> int | None:
     return SELECT_LIMIT - used
 
 
-UNSERVED_LOG = RateLimitedLog(log)
-
-
 class DicomDescriptorGuard:
     """Makes the DICOM listener say when it cannot serve an association for lack of
     descriptors (one log line, no traceback; at most one a minute under a flood).
@@ -81,6 +78,8 @@ class DicomDescriptorGuard:
         server.verify_request = self._verify_request  # type: ignore[method-assign]
         self.unserved = 0
         self.last_unserved: float | None = None  # time.monotonic()
+        # One listener, one rate limit: a line at most a minute for this listener.
+        self._log = RateLimitedLog(log)
 
     def _count(self) -> None:
         self.unserved += 1
@@ -92,7 +91,7 @@ class DicomDescriptorGuard:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self._count()
-                UNSERVED_LOG.occurred(
+                self._log.occurred(
                     logging.ERROR,
                     "a DICOM association cannot be served: the process is out of file"
                     " descriptors (%s); too many open HTTP connections or files",
@@ -109,7 +108,7 @@ class DicomDescriptorGuard:
         if fd >= SELECT_LIMIT:
             self._count()
             host = client_address[0] if isinstance(client_address, tuple) else client_address
-            UNSERVED_LOG.occurred(
+            self._log.occurred(
                 logging.ERROR,
                 "cannot serve a DICOM association from %s: its socket is descriptor %d and"
                 " the DICOM listener (select()) takes only descriptors below %d; open HTTP"
