@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,3 +40,39 @@ def server(
     }
     with running_server(tmp_path_factory.mktemp("triage-data"), env) as srv:
         yield srv
+
+
+def chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on ``url`` with a fresh profile, after the page has settled in
+    virtual time (no waiting on the wall clock), with the DOM on stdout (``--dump-dom``);
+    ``flags`` are added (e.g. logging). Skips when Debian's chromium is not installed."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    return subprocess.run(
+        [
+            path,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=8000",
+            *flags,
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    """The page's DOM after it has settled (see :func:`chromium`)."""
+    return chromium(url, profile).stdout

@@ -3,14 +3,13 @@ UI loads from this server alone, and another site cannot frame the page."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import running_server
+from tests.e2e.conftest import chromium
 from triage.serve.launcher import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -23,46 +22,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield srv
 
 
-def chromium(url: str, profile: Path) -> tuple[str, str]:
-    """The DOM after the page settled (virtual time) and Chromium's log (console messages,
-    CSP violations among them)."""
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
-    out = subprocess.run(
-        [
-            path,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=8000",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+def chromium_log(url: str, profile: Path) -> tuple[str, str]:
+    """The DOM after the page settled and Chromium's log (console messages, CSP violations
+    among them)."""
+    out = chromium(url, profile, "--enable-logging=stderr", "--v=0")
     return out.stdout, out.stderr
 
 
 def test_page_runs_under_its_csp(server: ServerProcess, tmp_path: Path) -> None:
-    dom, log = chromium(f"{server.http_url}/?live=0", tmp_path / "chrome")
+    dom, log = chromium_log(f"{server.http_url}/?live=0", tmp_path / "chrome")
     assert "No studies yet." in dom  # written by the page's inline script
     assert "Content Security Policy" not in log, log
 
 
 def test_swagger_ui_renders_from_local_assets(server: ServerProcess, tmp_path: Path) -> None:
-    dom, log = chromium(f"{server.http_url}/docs", tmp_path / "chrome")
+    dom, log = chromium_log(f"{server.http_url}/docs", tmp_path / "chrome")
     # The operations are listed: the bundle loaded (from this server; the CSP allows no
     # other origin) and read /openapi.json.
     assert dom.count("opblock-summary-path") >= 5, dom[-2000:]
@@ -75,5 +49,5 @@ def test_another_site_cannot_frame_the_page(server: ServerProcess, tmp_path: Pat
     framing.write_text(
         f'<html><body><iframe id="f" src="{server.http_url}/?live=0"></iframe></body></html>'
     )
-    _, log = chromium(framing.as_uri(), tmp_path / "chrome")
+    _, log = chromium_log(framing.as_uri(), tmp_path / "chrome")
     assert "frame-ancestors" in log or "X-Frame-Options" in log, log

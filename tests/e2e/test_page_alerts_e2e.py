@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import update
 
 from tests.conftest import running_server
+from tests.e2e.conftest import dump_dom
 from tests.e2e.test_page_findings_e2e import (
     BLAST,
     CT_REASON,
     XRV,
     add,
     chest,
-    dump_dom,
     haemorrhage,
     route,
 )

@@ -8,8 +8,6 @@ whose chest model failed (``partial``) and a lateral radiograph that no model re
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -22,6 +20,7 @@ import pytest
 from sqlalchemy import insert
 
 from tests.conftest import running_server
+from tests.e2e.conftest import dump_dom
 from triage.db import Database
 from triage.db.tables import FindingRow, SeriesRow, StudyRow
 from triage.results import Overlay, overlay_path, save_overlay
@@ -270,39 +269,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         finally:
             db.dispose()
         yield srv
-
-
-def browser() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
-    return path
-
-
-def dump_dom(url: str, profile: Path) -> str:
-    """The page's DOM after it has settled (virtual time: no waiting on the wall clock)."""
-    out = subprocess.run(
-        [
-            browser(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=8000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return out.stdout
 
 
 class Marked(HTMLParser):

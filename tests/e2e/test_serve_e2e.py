@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import run_cli
-from tests.e2e.conftest import send
+from tests.e2e.conftest import chromium, dump_dom, send
 from triage.demo.phantom import PhantomSpec, write_head_ct_series
 from triage.demo.xray import write_demo_radiograph
 from triage.serve.launcher import ServerProcess as Server
@@ -97,36 +97,11 @@ def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path:
 
 
 def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
     items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
     if not items:
         pytest.skip("needs the studies sent by the previous test")
-    out = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--virtual-time-budget=8000",
-            "--dump-dom",
-            f"{server.http_url}/?live=0",  # an open event stream never lets the page idle
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    # ?live=0: an open event stream never lets the page idle
+    out = chromium(f"{server.http_url}/?live=0", tmp_path / "chrome")
     dom = out.stdout
     assert "reading worklist" in dom
     assert dom.count('class="item') == len(items)
@@ -140,13 +115,7 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
 
     # A link to one study opens its detail: findings, claim buttons, the router's verdicts.
     uid = items[0]["StudyInstanceUID"]
-    linked = subprocess.run(
-        [*out.args[:-1], f"{server.http_url}/?live=0#study={uid}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    linked = dump_dom(f"{server.http_url}/?live=0#study={uid}", tmp_path / "chrome-link")
     detail = linked[linked.index('id="detail"') :]
     assert "FLAGGED" in detail and "Mark read" in detail
     assert "series considered" in detail and "chosen: axial CT" in detail
