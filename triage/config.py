@@ -90,7 +90,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=1024**3,
         gt=0,
-        description="Largest STOW-RS request body accepted (it is held in memory).",
+        description="Largest STOW-RS request body accepted (streamed to a file in the data"
+        " directory as it arrives, not held in memory).",
+    )
+    stow_memory_bytes: int = Field(
+        default=512 * 1024**2,
+        gt=0,
+        description="STOW-RS parts being checked and stored hold at most this many bytes in"
+        " memory together, over all concurrent requests; the others wait their turn (a"
+        " part larger than this runs alone).",
     )
     min_free_bytes: int = Field(
         default=256 * 1024**2,

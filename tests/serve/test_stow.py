@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -18,9 +19,9 @@ from sqlalchemy import func, select
 from tests.conftest import pydicom_file, running_server
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow
-from triage.ingest.store import Ingestor, quarantine_listing
+from triage.ingest.store import Ingestor, StoreStatus, quarantine_listing
 from triage.serve.app import create_app
-from triage.serve.dicomweb import MultipartError, parse_media_type, split_multipart
+from triage.serve.multipart import MultipartError, parse_media_type, split_multipart
 
 BOUNDARY = "triage-test-boundary"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -328,14 +329,76 @@ def test_part_header_variants(stow: Stow, ct: bytes) -> None:
     assert [Path(r.path).read_bytes() for r in rows] == [ct, other, third]
 
 
-def test_out_of_resources_is_503_with_retry_after(tmp_path: Path, ct: bytes) -> None:
+def test_below_the_disk_reserve_is_503_with_retry_after(tmp_path: Path, ct: bytes) -> None:
     stow = make_stow(tmp_path, min_free_bytes=2**62)
     resp = stow.post(multipart_body([ct]))
     assert resp.status_code == 503, resp.text
     assert resp.headers["retry-after"] == "60"
-    (failed,) = items(resp.json(), FAILED_SOP_SEQ)
-    assert failed[FAILURE_REASON]["Value"] == [0xA700]
+    assert "disk" in resp.json()["detail"]
     assert stow.instances() == []
+    assert stow.quarantined() == []
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_a_body_that_would_cross_the_disk_reserve_is_refused_before_it_is_read(
+    tmp_path: Path, ct: bytes
+) -> None:
+    body = multipart_body([ct, ("application/octet-stream", b"\0" * 8 * 1024**2)])
+    free = shutil.disk_usage(tmp_path).free
+    # Free now, but not once this body is written: refused from its Content-Length.
+    stow = make_stow(tmp_path, min_free_bytes=free - len(body) // 2)
+    resp = stow.post(body)
+    assert resp.status_code == 503, resp.text
+    assert stow.instances() == [] and stow.quarantined() == []
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_a_non_dicom_part_below_the_disk_reserve_is_not_quarantined(tmp_path: Path) -> None:
+    stow = make_stow(tmp_path, min_free_bytes=2**62)
+    ingestor: Ingestor = stow.client.app.state.ingestor  # type: ignore[attr-defined]
+    outcome = ingestor.refuse(
+        b"%PDF-1.4", source="stow:test", reason="not DICOM", status=StoreStatus.cannot_understand
+    )
+    assert outcome.status == StoreStatus.out_of_resources
+    assert outcome.quarantine_id is None
+    assert stow.quarantined() == []
+
+
+def test_a_part_whose_content_length_disagrees_is_refused_and_kept(stow: Stow, ct: bytes) -> None:
+    delim = f"--{BOUNDARY}".encode()
+    body = (
+        delim
+        + b"\r\nContent-Type: application/dicom\r\nContent-Length: 10737418240\r\n\r\n"
+        + ct
+        + b"\r\n"
+        + delim
+        + b"--\r\n"
+    )
+    resp = stow.post(body)
+    assert resp.status_code == 409, resp.text
+    (failed,) = items(resp.json(), FAILED_SOP_SEQ)
+    assert failed[FAILURE_REASON]["Value"] == [0xC000]
+    (kept,) = stow.quarantined()
+    assert "Content-Length 10737418240" in str(kept["reason"])
+    assert kept["size_bytes"] == len(ct)
+    assert stow.instances() == []
+
+
+def test_a_part_with_a_matching_content_length_is_stored(stow: Stow, ct: bytes) -> None:
+    delim = f"--{BOUNDARY}".encode()
+    head = f"\r\nContent-Type: application/dicom\r\nContent-Length: {len(ct)}\r\n\r\n"
+    resp = stow.post(delim + head.encode() + ct + b"\r\n" + delim + b"--\r\n")
+    assert resp.status_code == 200, resp.text
+    assert len(stow.instances()) == 1
+
+
+def test_the_spooled_body_is_removed_after_every_request(
+    stow: Stow, ct: bytes, tmp_path: Path
+) -> None:
+    assert stow.post(multipart_body([ct])).status_code == 200
+    assert stow.post(b"not multipart at all").status_code == 400
+    assert stow.post(multipart_body([("text/plain", b"x")])).status_code == 409
+    assert list((tmp_path / "incoming").iterdir()) == []
 
 
 def test_a_database_failure_is_out_of_resources_not_a_500(stow: Stow, ct: bytes) -> None:

@@ -133,6 +133,28 @@ class Ingestor:
             now=now,
         )
 
+    def refuse(
+        self, data: bytes, *, source: str, reason: str, status: StoreStatus
+    ) -> IngestOutcome:
+        """Refuse input that is not even offered to :meth:`ingest` (a STOW-RS part that is
+        not ``application/dicom``): kept in quarantine under the same free-disk reserve, or
+        0xA700 (retry later) when the disk is below it or keeping fails."""
+        full = self._disk_reserve_problem(source)
+        if full is not None:
+            return full
+        now = datetime.now(UTC)
+        return self._refuse(data, _Refusal(status, reason), source=source, now=now)
+
+    def _disk_reserve_problem(self, source: str) -> IngestOutcome | None:
+        free = free_bytes(self.tmp_dir)
+        if free is not None and free < self.min_free_bytes:
+            log.error("refusing input from %s: only %d MiB free", source, free // 2**20)
+            return IngestOutcome(
+                StoreStatus.out_of_resources,
+                f"out of resources: less than {self.min_free_bytes // 2**20} MiB of disk free",
+            )
+        return None
+
     def ingest(
         self,
         data: bytes,
@@ -165,13 +187,9 @@ class Ingestor:
             refused input that could not be kept in quarantine.
         """
         now = now or datetime.now(UTC)
-        free = free_bytes(self.tmp_dir)
-        if free is not None and free < self.min_free_bytes:
-            log.error("refusing input from %s: only %d MiB free", source, free // 2**20)
-            return IngestOutcome(
-                StoreStatus.out_of_resources,
-                f"out of resources: less than {self.min_free_bytes // 2**20} MiB of disk free",
-            )
+        full = self._disk_reserve_problem(source)
+        if full is not None:
+            return full
         try:
             checked = self._check(
                 data,

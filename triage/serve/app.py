@@ -97,6 +97,7 @@ def create_app(
     *,
     ingestor: Ingestor | None = None,
     max_upload_bytes: int = 1024**3,
+    stow_memory_bytes: int = 512 * 1024**2,
     policy: PolicyConfig = DEFAULT_POLICY,
     lease_seconds: float = 900.0,
     health_check: Callable[[], HealthReport] | None = None,
@@ -107,7 +108,9 @@ def create_app(
     Args:
         db: the database.
         ingestor: when given, DICOMweb STOW-RS (``POST /dicomweb/studies``) stores through it.
-        max_upload_bytes: the largest STOW-RS request body accepted.
+        max_upload_bytes: the largest STOW-RS request body accepted (spooled to disk).
+        stow_memory_bytes: the most bytes of STOW-RS parts held in memory at once while
+            they are checked and stored, over all requests (``triage.serve.budget``).
         health_check: checks every component for ``/api/health`` (``triage.serve.health``);
             None: the route answers ok whenever the app runs.
         allowed_hosts: the ``Host`` names answered (``triage.serve.security``); None: any.
@@ -120,10 +123,12 @@ def create_app(
     app.state.lease_seconds = lease_seconds
     app.add_exception_handler(RequestValidationError, request_validation_error)
     if ingestor is not None:
+        from triage.serve.budget import ByteBudget
         from triage.serve.dicomweb import stow_router
 
         app.state.ingestor = ingestor
         app.state.max_upload_bytes = max_upload_bytes
+        app.state.stow_budget = ByteBudget(stow_memory_bytes)
         app.include_router(stow_router)
 
     @app.get("/api/health")

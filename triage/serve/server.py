@@ -77,6 +77,7 @@ class TriageService:
             self.db,
             ingestor=self.ingestor,
             max_upload_bytes=settings.max_upload_bytes,
+            stow_memory_bytes=settings.stow_memory_bytes,
             policy=policy,
             lease_seconds=settings.claim_lease_seconds,
             health_check=self.health,
