@@ -329,3 +329,63 @@ def test_new_folders_are_created_for_a_new_study(tmp_path: Path) -> None:
     write_durably(b"x", dest, tmp_path / "incoming")
     assert dest.read_bytes() == b"x"
     assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def reencoded(data: bytes, *, implicit: bool = False, meta: dict[str, str] | None = None) -> bytes:
+    """The same data set in another file: another file meta header, or implicit VR."""
+    ds = pydicom.dcmread(BytesIO(data))
+    for keyword, value in (meta or {}).items():
+        setattr(ds.file_meta, keyword, value)
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("policy", list(DuplicatePolicy))
+@pytest.mark.parametrize(
+    "resend",
+    [
+        pytest.param(
+            {"meta": {"ImplementationClassUID": "1.2.3.4", "SourceApplicationEntityTitle": "PACS"}},
+            id="other-file-meta",
+        ),
+        pytest.param({"implicit": True}, id="implicit-vr"),
+    ],
+)
+def test_the_same_data_set_in_another_file_is_a_harmless_resend(
+    db: Database, tmp_path: Path, policy: DuplicatePolicy, resend: dict[str, Any]
+) -> None:
+    first = ct_bytes()
+    again = reencoded(first, **resend)
+    assert again != first
+    ing = ingestor(db, tmp_path, duplicate_policy=policy)
+    assert ing.ingest(first, source="dicom:CT").status == StoreStatus.success
+    outcome = ing.ingest(again, source="stow:peer")
+    assert outcome.status == StoreStatus.success and outcome.duplicate
+    assert "same data set" in outcome.reason
+    assert quarantine_listing(db)["items"] == []
+    (path,) = stored_paths(tmp_path)
+    assert path.read_bytes() == first  # the first copy stays, untouched
+
+
+def test_a_different_instance_is_named_by_the_attributes_that_differ(
+    db: Database, tmp_path: Path
+) -> None:
+    ing = ingestor(db, tmp_path)
+    first = ct_bytes()
+    ds = pydicom.dcmread(BytesIO(first))
+    ds.PatientID = "CORRECTED"
+    ds.PixelData = bytes(len(ds.PixelData))
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    second = out.getvalue()
+    assert ing.ingest(first, source="t").status == StoreStatus.success
+    outcome = ing.ingest(second, source="t")
+    assert outcome.status == StoreStatus.success and outcome.duplicate
+    (item,) = quarantine_listing(db)["items"]
+    reason = str(item["reason"])
+    assert "differs in PatientID, PixelData" in reason, reason
+    assert "CORRECTED" not in reason  # attribute names, never values
+    assert item["sha256"] == hashlib.sha256(second).hexdigest()

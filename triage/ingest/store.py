@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from triage.config import Settings
 from triage.db import Database
 from triage.ingest import validate
-from triage.ingest.duplicates import DuplicatePolicy, resolve_conflict
+from triage.ingest.duplicates import DuplicatePolicy, data_set_differences, resolve_conflict
 from triage.ingest.files import (
     free_bytes,
     hashed_name,
@@ -360,9 +360,7 @@ class Ingestor:
 
         existing = stored_copy(self.db, sop_uid)
         if existing is not None:
-            if existing[0] == digest:
-                return outcome(StoreStatus.success, "duplicate of a stored instance", True)
-            return self._conflict(data, ds, existing[1], source=source, now=now, warning=warning)
+            return self._resend(data, ds, digest, existing, source=source, now=now, warning=warning)
 
         dest = instance_path(self.store_dir, study_uid, series_uid, sop_uid, digest)
         try:
@@ -396,10 +394,8 @@ class Ingestor:
                 # Another process indexed the same SOPInstanceUID at the same moment.
                 if Path(existing[1]) != dest:
                     dest.unlink(missing_ok=True)
-                if existing[0] == digest:
-                    return outcome(StoreStatus.success, "duplicate of a stored instance", True)
-                return self._conflict(
-                    data, ds, existing[1], source=source, now=now, warning=warning
+                return self._resend(
+                    data, ds, digest, existing, source=source, now=now, warning=warning
                 )
             except SQLAlchemyError:
                 dest.unlink(missing_ok=True)  # not indexed: nothing refers to it
@@ -407,6 +403,44 @@ class Ingestor:
         if warning is not None:
             return outcome(warning[0], f"stored with a warning: {warning[1]}")
         return outcome(StoreStatus.success, "stored")
+
+    def _resend(
+        self,
+        data: bytes,
+        ds: Dataset,
+        digest: str,
+        existing: tuple[str, Path],
+        *,
+        source: str,
+        now: datetime,
+        warning: tuple[StoreStatus, str] | None,
+    ) -> IngestOutcome:
+        """An instance under a SOPInstanceUID already stored: the same instance again
+        (the same bytes, or the same data set with another file meta header or encoding)
+        is success without a second copy; a different one goes to the duplicate policy."""
+        ids = (str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPClassUID))
+        stored_digest, stored_path = existing
+        if stored_digest == digest:
+            return IngestOutcome(
+                StoreStatus.success, "duplicate of a stored instance", *ids, duplicate=True
+            )
+        differences = data_set_differences(ds, Path(stored_path))
+        if not differences:
+            return IngestOutcome(
+                StoreStatus.success,
+                "duplicate of a stored instance (the same data set; file meta or encoding differ)",
+                *ids,
+                duplicate=True,
+            )
+        return self._conflict(
+            data,
+            ds,
+            Path(stored_path),
+            source=source,
+            now=now,
+            warning=warning,
+            differences=differences,
+        )
 
     def _conflict(
         self,
@@ -417,6 +451,7 @@ class Ingestor:
         source: str,
         now: datetime,
         warning: tuple[StoreStatus, str] | None = None,
+        differences: list[str] | None = None,
     ) -> IngestOutcome:
         return resolve_conflict(
             data,
@@ -430,6 +465,7 @@ class Ingestor:
             source=source,
             now=now,
             warning=warning,
+            differences=differences,
         )
 
 
