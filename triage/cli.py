@@ -363,30 +363,33 @@ def import_cmd(
     except OSError as exc:
         _fail(f"cannot create the data folder {settings.data_dir}: {exc.strerror or exc}")
     ingestor = Ingestor.from_settings(settings, _open_db(settings))
-    counts = {"stored": 0, "with warning": 0, "duplicate": 0, "rejected": 0}
-    rejected: list[tuple[Path, str]] = []
+    counts = {"stored": 0, "with warning": 0, "duplicate": 0, "rejected": 0, "not stored": 0}
+    rejected: list[tuple[Path, str, str]] = []  # (file, what happened, why)
     with Progress(console=console, transient=False) as progress:
         task = progress.add_task("importing", total=len(files))
         for f in files:
             try:
                 data = f.read_bytes()
             except OSError as exc:
-                counts["rejected"] += 1
-                rejected.append((f, f"cannot read the file: {exc.strerror}"))
+                counts["not stored"] += 1
+                rejected.append((f, "not stored", f"cannot read the file: {exc.strerror}"))
                 progress.advance(task)
                 continue
             outcome = ingestor.ingest(data, source="import")
             if not outcome.ok:
-                key = "rejected"
-                rejected.append((f, f"0x{int(outcome.status):04X} {outcome.reason}"))
+                # Refused input is kept in quarantine; what was not even kept there (the
+                # disk or the database failing, 0xA7xx) is for the user to import again.
+                key = "rejected" if outcome.quarantine_id is not None else "not stored"
+                why = f"0x{int(outcome.status):04X} {outcome.reason}"
+                rejected.append((f, key, why))
             elif outcome.duplicate:
                 key = "duplicate"
             else:
                 key = "stored" if outcome.status == 0 else "with warning"
             counts[key] += 1
             progress.advance(task)
-    for path, reason in rejected[:20]:
-        line = Text.assemble(("rejected", "red"), f" {printable(path)}: {printable(reason)}")
+    for path, what, reason in rejected[:20]:
+        line = Text.assemble((what, "red"), f" {printable(path)}: {printable(reason)}")
         console.print(line, highlight=False)
     if len(rejected) > 20:
         console.print(f"... and {len(rejected) - 20} more")
@@ -394,8 +397,13 @@ def import_cmd(
         f"{len(files)} file(s): {counts['stored']} stored, {counts['with warning']} stored with"
         f" a warning, {counts['duplicate']} already stored, {counts['rejected']} rejected"
         " (kept in quarantine: `triage quarantine`)"
+        + (
+            f", {counts['not stored']} not stored (not kept either: import them again)"
+            if counts["not stored"]
+            else ""
+        )
     )
-    if counts["rejected"]:
+    if counts["rejected"] or counts["not stored"]:
         raise typer.Exit(1)
 
 

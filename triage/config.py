@@ -149,8 +149,10 @@ class Settings(BaseSettings):
     )
     claim_lease_seconds: float = Field(
         default=900.0,
-        gt=0,
-        description="How long a reader's claim on a study lasts without renewal.",
+        ge=30,
+        le=86400,
+        description="How long a reader's claim on a study lasts without renewal (30 s to"
+        " 24 h, the range the API accepts).",
     )
     series_quiet_seconds: float = Field(default=2.0, gt=0)
     study_max_wait_seconds: float = Field(
