@@ -22,6 +22,38 @@ class AIStatus(enum.StrEnum):
     failed = "failed"
 
 
+class SeriesState(enum.StrEnum):
+    """Where a series stands in assembly: instances still arriving, or quiet long enough."""
+
+    receiving = "receiving"
+    complete = "complete"
+
+
+class ReadState(enum.StrEnum):
+    """Where a study stands with the readers (multi-reader claims)."""
+
+    unread = "unread"
+    claimed = "claimed"
+    completed = "completed"
+
+
+class JobState(enum.StrEnum):
+    """An analysis job in the database queue."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class WebhookState(enum.StrEnum):
+    """Delivery of one event to the webhook (None in the table: not for the webhook)."""
+
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
 class Severity(enum.StrEnum):
     """How severe a flagged finding is, where its model can tell (orders critical studies)."""
 

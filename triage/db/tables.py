@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from triage.domain import AIStatus, ReadState, SeriesState
+
 
 class Base(DeclarativeBase):
     pass
@@ -39,14 +41,14 @@ class StudyRow(Base):
     order_priority: Mapped[str | None] = mapped_column(String(16))
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    ai_status: Mapped[str] = mapped_column(String(32), default="pending")
+    ai_status: Mapped[str] = mapped_column(String(32), default=AIStatus.pending.value)
     ai_error: Mapped[str | None] = mapped_column(Text)
     ai_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     routing: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # "emergency", "inpatient" or None, from the patient's location (never the free text).
     location_class: Mapped[str | None] = mapped_column(String(16))
     # The reading work queue: unread -> claimed (with a lease) -> completed.
-    read_state: Mapped[str] = mapped_column(String(16), default="unread", index=True)
+    read_state: Mapped[str] = mapped_column(String(16), default=ReadState.unread.value, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_by: Mapped[str | None] = mapped_column(String(64))
@@ -70,7 +72,7 @@ class SeriesRow(Base):
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # receiving: instances still arriving; complete: quiet period passed, study queued.
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.receiving.value, index=True)
 
     study: Mapped[StudyRow] = relationship(back_populates="series")
     instances: Mapped[list[InstanceRow]] = relationship(back_populates="series")
@@ -100,7 +102,7 @@ class JobRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    state: Mapped[str] = mapped_column(String(16), index=True)  # a JobState
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -160,7 +162,7 @@ class EventRow(Base):
     StudyInstanceUID: Mapped[str | None] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     # pending | delivered | failed; None when the event is not for the webhook.
-    webhook_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    webhook_state: Mapped[str | None] = mapped_column(String(16), index=True)  # a WebhookState
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     webhook_error: Mapped[str | None] = mapped_column(Text)

@@ -21,6 +21,8 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
+from triage.domain import ReadState
+
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 AI_FINDING_EXTENSION = "urn:triage:fhir:StructureDefinition:ai-finding"
 """The URL of the (complex) extension listing one AI finding on a Task."""
@@ -73,9 +75,9 @@ def _parse(value: Any) -> datetime | None:
 def status_of(item: dict[str, Any]) -> str:
     """The Task status of a worklist item's read state."""
     state = item.get("read_state")
-    if state == "completed":
+    if state == ReadState.completed:
         return "completed"
-    if state == "claimed" and item.get("claimed_by"):
+    if state == ReadState.claimed and item.get("claimed_by"):
         return "in-progress"
     return "requested"
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from triage.db import Database
 from triage.db.tables import EventRow
+from triage.domain import WebhookState
 
 CRITICAL_FINDING = "critical_finding"
 WORKLIST_CHANGED = "worklist_changed"
@@ -96,7 +97,7 @@ def emit(
         kind=kind,
         StudyInstanceUID=study_uid,
         payload=payload,
-        webhook_state="pending" if webhook else None,
+        webhook_state=WebhookState.pending if webhook else None,
         webhook_attempts=0,
         webhook_next_at=now if webhook else None,
     )
@@ -138,7 +139,9 @@ def prune(db: Database, older_than: datetime) -> int:
         result = s.execute(
             delete(EventRow).where(
                 EventRow.created_at < older_than,
-                or_(EventRow.webhook_state.is_(None), EventRow.webhook_state != "pending"),
+                or_(
+                    EventRow.webhook_state.is_(None), EventRow.webhook_state != WebhookState.pending
+                ),
             )
         )
         return int(getattr(result, "rowcount", 0) or 0)

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from triage.db import Database
 from triage.db.tables import StudyRow
+from triage.domain import ReadState
 from triage.events import outbox
 from triage.events.fhir import comparable, task_from_item
 from triage.worklist import service
@@ -92,7 +93,7 @@ def study_outside_worklist(
         rank=None,
         priority_class=cls,
         deadline=deadline.isoformat(),
-        tier="read" if item.get("read_state") == "completed" else tier,
+        tier="read" if item.get("read_state") == ReadState.completed else tier,
         reasons=reasons,
     )
     return item
@@ -234,7 +235,7 @@ class Publisher:
             if gone is None:
                 changes.append({"StudyInstanceUID": uid, "change": "removed"})
                 continue
-            completed = gone.get("read_state") == "completed"
+            completed = gone.get("read_state") == ReadState.completed
             changes.append(_change("completed" if completed else "removed", gone))
             changed_tasks.append(
                 (uid, task_from_item(gone, now, accession_system=self.accession_system))

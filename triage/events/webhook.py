@@ -26,6 +26,7 @@ from sqlalchemy import or_, select, update
 
 from triage.db import Database
 from triage.db.tables import EventRow
+from triage.domain import WebhookState
 from triage.events.outbox import event_of_row
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class WebhookSender:
             rows = s.execute(
                 select(EventRow.id, EventRow.webhook_attempts)
                 .where(
-                    EventRow.webhook_state == "pending",
+                    EventRow.webhook_state == WebhookState.pending,
                     or_(EventRow.webhook_next_at.is_(None), EventRow.webhook_next_at <= now),
                 )
                 .order_by(EventRow.id)
@@ -127,7 +128,7 @@ class WebhookSender:
                 update(EventRow)
                 .where(
                     EventRow.id == event_id,
-                    EventRow.webhook_state == "pending",
+                    EventRow.webhook_state == WebhookState.pending,
                     EventRow.webhook_attempts == attempts,
                 )
                 .values(webhook_next_at=lease_until)
@@ -167,9 +168,17 @@ class WebhookSender:
         done = attempts + 1
         values: dict[str, object]
         if error is None:
-            values = {"webhook_state": "delivered", "webhook_next_at": None, "webhook_error": None}
+            values = {
+                "webhook_state": WebhookState.delivered,
+                "webhook_next_at": None,
+                "webhook_error": None,
+            }
         elif done >= self.config.max_attempts:
-            values = {"webhook_state": "failed", "webhook_next_at": None, "webhook_error": error}
+            values = {
+                "webhook_state": WebhookState.failed,
+                "webhook_next_at": None,
+                "webhook_error": error,
+            }
             log.error(
                 "webhook: event %d (%s) failed after %d attempts: %s",
                 event.id,

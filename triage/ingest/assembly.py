@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from triage.db import Database
 from triage.db.tables import JobRow, SeriesRow, StudyRow
+from triage.domain import AIStatus, JobState, SeriesState
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,12 @@ def _as_utc(value: datetime) -> datetime:
 def enqueue_study(s: Session, study: StudyRow, *, now: datetime) -> bool:
     """Queue an analysis of the study unless one is already queued. Returns True if queued."""
     queued = s.scalar(
-        select(JobRow.id).where(JobRow.study_id == study.id, JobRow.state == "queued")
+        select(JobRow.id).where(JobRow.study_id == study.id, JobRow.state == JobState.queued)
     )
     if queued is not None:
         return False
-    s.add(JobRow(study_id=study.id, state="queued", created_at=now, stale=0))
-    study.ai_status = "pending"
+    s.add(JobRow(study_id=study.id, state=JobState.queued, created_at=now, stale=0))
+    study.ai_status = AIStatus.pending
     return True
 
 
@@ -56,12 +57,14 @@ def complete_quiet_series(
     cutoff = now - timedelta(seconds=quiet_seconds)
     queued: list[str] = []
     with db.session() as s:
-        receiving = s.scalars(select(SeriesRow).where(SeriesRow.state == "receiving")).all()
+        receiving = s.scalars(
+            select(SeriesRow).where(SeriesRow.state == SeriesState.receiving)
+        ).all()
         touched: set[int] = set()
         waiting: set[int] = set()
         for series in receiving:
             if _as_utc(series.last_received_at) <= cutoff:
-                series.state = "complete"
+                series.state = SeriesState.complete
                 touched.add(series.study_id)
             else:
                 waiting.add(series.study_id)
@@ -69,7 +72,7 @@ def complete_quiet_series(
             study = s.get(StudyRow, study_id)
             if study is None:
                 continue
-            if all(se.state == "complete" for se in study.series):
+            if all(se.state == SeriesState.complete for se in study.series):
                 if enqueue_study(s, study, now=now):
                     queued.append(study.StudyInstanceUID)
                     log.info("study #%d complete, queued for analysis", study.id)

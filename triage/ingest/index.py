@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from triage.db import Database
 from triage.db.tables import InstanceRow, SeriesRow, StudyRow
-from triage.domain import location_class
+from triage.domain import AIStatus, SeriesState, location_class
 
 
 def stored_copy(db: Database, sop_uid: str) -> tuple[str, Path] | None:
@@ -50,10 +50,10 @@ def repoint_instance(
             row.size_bytes = size
             row.received_at = now
             row.source = source[:128]
-            row.series.state = "receiving"
+            row.series.state = SeriesState.receiving
             row.series.last_received_at = now
             row.series.study.last_received_at = now
-            row.series.study.ai_status = "pending"
+            row.series.study.ai_status = AIStatus.pending
 
 
 def text_of(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -122,11 +122,11 @@ def index_instance(
                 ),
                 first_received_at=now,
                 last_received_at=now,
-                ai_status="pending",
+                ai_status=AIStatus.pending,
             )
         )
     else:
-        values: dict[str, Any] = {"last_received_at": now, "ai_status": "pending"}
+        values: dict[str, Any] = {"last_received_at": now, "ai_status": AIStatus.pending}
         if priority:
             values["order_priority"] = func.coalesce(StudyRow.order_priority, priority)
         s.execute(update(StudyRow).where(StudyRow.id == study_id).values(**values))
@@ -143,14 +143,18 @@ def index_instance(
                 BodyPartExamined=text_of(ds, "BodyPartExamined", 64),
                 n_instances=1,
                 last_received_at=now,
-                state="receiving",
+                state=SeriesState.receiving,
             )
         )
     else:
         s.execute(
             update(SeriesRow)
             .where(SeriesRow.id == series_id)
-            .values(n_instances=SeriesRow.n_instances + 1, last_received_at=now, state="receiving")
+            .values(
+                n_instances=SeriesRow.n_instances + 1,
+                last_received_at=now,
+                state=SeriesState.receiving,
+            )
         )
     s.execute(
         insert(InstanceRow).values(

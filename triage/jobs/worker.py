@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, update
 from triage.analysis import Analyzer, SeriesFiles, StudyAnalysis
 from triage.db import Database
 from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
-from triage.domain import AIStatus, Finding
+from triage.domain import AIStatus, Finding, JobState, SeriesState
 from triage.events import outbox
 from triage.ingest.assembly import complete_quiet_series
 from triage.results import overlay_path, save_overlay
@@ -59,7 +59,7 @@ class Worker:
         """Jobs that were running when the process died are queued again."""
         with self.db.session() as s:
             result = s.execute(
-                update(JobRow).where(JobRow.state == "running").values(state="queued")
+                update(JobRow).where(JobRow.state == JobState.running).values(state=JobState.queued)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -110,7 +110,7 @@ class Worker:
         with self.db.session() as s:
             row = s.execute(
                 select(JobRow.id, JobRow.study_id)
-                .where(JobRow.state == "queued")
+                .where(JobRow.state == JobState.queued)
                 .order_by(JobRow.id)
                 .limit(1)
             ).first()
@@ -119,8 +119,8 @@ class Worker:
             job_id, study_id = row
             claimed = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state == "queued")
-                .values(state="running", started_at=datetime.now(UTC))
+                .where(JobRow.id == job_id, JobRow.state == JobState.queued)
+                .values(state=JobState.running, started_at=datetime.now(UTC))
             )
             if not getattr(claimed, "rowcount", 0):
                 return None
@@ -199,13 +199,15 @@ class Worker:
             study = s.get(StudyRow, study_id)
             assert job is not None and study is not None
             failed = analysis.ai_status == AIStatus.failed
-            job.state = "failed" if failed else "done"
+            job.state = JobState.failed if failed else JobState.done
             job.error = analysis.error
             job.finished_at = now
             newer = s.scalar(
-                select(JobRow.id).where(JobRow.study_id == study_id, JobRow.state == "queued")
+                select(JobRow.id).where(
+                    JobRow.study_id == study_id, JobRow.state == JobState.queued
+                )
             )
-            receiving = any(se.state == "receiving" for se in study.series)
+            receiving = any(se.state == SeriesState.receiving for se in study.series)
             # Instances arrived meanwhile: the study stays pending until analysed again.
             study.ai_status = (
                 AIStatus.pending.value if (newer or receiving) else analysis.ai_status.value

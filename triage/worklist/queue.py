@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from triage.db import Database
 from triage.db.tables import StudyRow
+from triage.domain import ReadState
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 # Matched with fullmatch: ``$`` would also accept a name ending in a newline ("alice\n"),
@@ -51,14 +52,14 @@ def check_reader(reader: str) -> str:
 def claimable(now: datetime) -> ColumnElement[bool]:
     """Unread, or claimed with an expired lease (an abandoned claim)."""
     return or_(
-        StudyRow.read_state == "unread",
-        and_(StudyRow.read_state == "claimed", StudyRow.claim_expires_at < now),
+        StudyRow.read_state == ReadState.unread,
+        and_(StudyRow.read_state == ReadState.claimed, StudyRow.claim_expires_at < now),
     )
 
 
 def _held_by(reader: str, now: datetime) -> ColumnElement[bool]:
     return and_(
-        StudyRow.read_state == "claimed",
+        StudyRow.read_state == ReadState.claimed,
         StudyRow.claimed_by == reader,
         StudyRow.claim_expires_at >= now,
     )
@@ -115,7 +116,7 @@ def claim(
     """Claim one study (or renew the reader's own claim). Returns the lease's end."""
     now = now or datetime.now(UTC)
     expires = now + lease
-    values = {"read_state": "claimed", "claimed_by": reader, "claim_expires_at": expires}
+    values = {"read_state": ReadState.claimed, "claimed_by": reader, "claim_expires_at": expires}
     _transition(db, study_uid, reader, now, or_(claimable(now), _held_by(reader, now)), values)
     return expires
 
@@ -138,7 +139,7 @@ def renew(
 def release(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
     """Give the study back to the queue, unread."""
     now = now or datetime.now(UTC)
-    values = {"read_state": "unread", "claimed_by": None, "claim_expires_at": None}
+    values = {"read_state": ReadState.unread, "claimed_by": None, "claim_expires_at": None}
     _transition(db, study_uid, reader, now, _held_by(reader, now), values)
 
 
@@ -146,7 +147,7 @@ def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None 
     """Mark the study read by the reader holding it."""
     now = now or datetime.now(UTC)
     values = {
-        "read_state": "completed",
+        "read_state": ReadState.completed,
         "completed_by": reader,
         "completed_at": now,
         "claim_expires_at": None,
@@ -201,12 +202,16 @@ def claim_next(
                 result = s.execute(
                     update(StudyRow)
                     .where(StudyRow.StudyInstanceUID == uid, claimable(now))
-                    .values(read_state="claimed", claimed_by=reader, claim_expires_at=now + lease)
+                    .values(
+                        read_state=ReadState.claimed,
+                        claimed_by=reader,
+                        claim_expires_at=now + lease,
+                    )
                 )
                 if _rowcount(result) == 1:
                     item = next(i for i in doc["items"] if i["StudyInstanceUID"] == uid)
                     item.update(
-                        read_state="claimed",
+                        read_state=ReadState.claimed,
                         claimed_by=reader,
                         claim_expires_at=(now + lease).isoformat(),
                     )

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from triage.db import Database
 from triage.db.tables import StudyRow
-from triage.domain import Finding
+from triage.domain import Finding, ReadState
 from triage.preprocess.routing import regions_from_text
 from triage.worklist.priority import (
     DEFAULT_POLICY,
@@ -94,7 +94,7 @@ def _study_summary(study: StudyRow) -> dict[str, Any]:
 def _load_studies(s: Session, *, include_completed: bool = False) -> list[StudyRow]:
     stmt = select(StudyRow).options(selectinload(StudyRow.series), selectinload(StudyRow.findings))
     if not include_completed:
-        stmt = stmt.where(StudyRow.read_state != "completed")
+        stmt = stmt.where(StudyRow.read_state != ReadState.completed)
     return list(s.scalars(stmt).all())
 
 
@@ -144,10 +144,10 @@ def worklist(
             if wanted_subspecialties and not wanted_subspecialties & set(item["subspecialties"]):
                 continue
             expires = _utc(study.claim_expires_at)
-            if study.read_state == "claimed" and expires is not None and expires < now:
-                item["read_state"] = "unread"  # an abandoned claim: back in the queue
+            if study.read_state == ReadState.claimed and expires is not None and expires < now:
+                item["read_state"] = ReadState.unread.value  # an abandoned claim: back in the queue
                 item["claimed_by"] = None
-            if claimable_only and item["read_state"] != "unread":
+            if claimable_only and item["read_state"] != ReadState.unread:
                 continue
             item.update(placement.to_json())
             items.append(item)
