@@ -14,12 +14,11 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import encapsulate
 from pydicom.filewriter import dcmwrite
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
     UID,
-    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
@@ -34,7 +33,11 @@ from pydicom.uid import (
 )
 
 import triage.preprocess.ct as ct
+import triage.preprocess.ct_decode as ct_decode
 from tests.conftest import pydicom_file
+from tests.preprocess.ct_builders import ramp_series as _ramp_series
+from tests.preprocess.ct_builders import to_jpeg_lossless as _to_jpeg_lossless
+from tests.preprocess.ct_builders import write_slice as _write_slice
 from triage.preprocess.ct import (
     HEAD_MIN_COVERAGE_MM,
     HU_AIR,
@@ -42,6 +45,7 @@ from triage.preprocess.ct import (
     MAX_TILT_DEG,
     ClipAndScaleHU,
     ClipAndScaleHUd,
+    CorruptSliceError,
     CTSeriesVolume,
     GantryTiltError,
     HeadCT,
@@ -55,93 +59,8 @@ from triage.preprocess.ct import (
     resample_isotropic,
 )
 
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
 # --------------------------------------------------------------------------------------------
 # Synthetic series
-
-
-def _write_slice(
-    path: Path,
-    hu: np.ndarray,
-    *,
-    position: Sequence[float],
-    series_uid: str,
-    study_uid: str,
-    orientation: Sequence[float] = AXIAL,
-    pixel_spacing: tuple[float, float] = (1.0, 1.0),
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    instance: int = 1,
-    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-) -> Path:
-    """Writes one uncompressed CT slice whose HU are ``hu`` (float (rows, columns))."""
-    stored = np.rint((hu - intercept) / slope).astype(np.int16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT"
-    ds.ImageType = list(image_type)
-    ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.PixelSpacing = [float(v) for v in pixel_spacing]
-    ds.SliceThickness = 1.0
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _ramp_series(
-    directory: Path,
-    n: int = 20,
-    *,
-    size: int = 32,
-    spacing: float = 2.0,
-    series_uid: str | None = None,
-    study_uid: str | None = None,
-    skip: Sequence[int] = (),
-    **kwargs: object,
-) -> list[Path]:
-    """Axial slices k = 0..n-1 at z = 10 + k × spacing, each filled with HU 10 × k.
-
-    File names and InstanceNumbers run against the spatial order.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    study_uid = study_uid or generate_uid()
-    paths = []
-    for k in range(n):
-        if k in skip:
-            continue
-        paths.append(
-            _write_slice(
-                directory / f"{series_uid[-6:]}_{n - k:03d}.dcm",
-                np.full((size, size), 10.0 * k),
-                position=(-16.0, -16.0, 10.0 + k * spacing),
-                series_uid=series_uid,
-                study_uid=study_uid,
-                instance=n - k,
-                **kwargs,  # type: ignore[arg-type]
-            )
-        )
-    return paths
 
 
 def _z_profile(volume: CTSeriesVolume) -> np.ndarray:
@@ -471,25 +390,6 @@ def test_gantry_tilt_above_the_limit_is_refused(tmp_path: Path) -> None:
 RESCALES = ((1.0, -1024.0), (0.3, -1000.7), (2.0, -1000.0), (1.0, -1024.5))
 
 
-def _to_jpeg_lossless(path: Path) -> None:
-    """Rewrites a native single-frame file in place as JPEG Lossless SV1 (GDCM's encoder)."""
-    ds = pydicom.dcmread(path)
-    scratch = path.with_suffix(".gdcm.dcm")
-    writer = sitk.ImageFileWriter()
-    writer.SetImageIO("GDCMImageIO")
-    writer.SetFileName(str(scratch))
-    writer.UseCompressionOn()
-    writer.SetCompressor("JPEG")  # GDCM: JPEG Lossless, process 14, selection value 1
-    writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
-    encoded = pydicom.dcmread(scratch)
-    scratch.unlink()
-    assert encoded.file_meta.TransferSyntaxUID == JPEGLosslessSV1
-    ds.PixelData = encapsulate(list(generate_frames(encoded.PixelData, number_of_frames=1)))
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-    ds.save_as(path, enforce_file_format=True)
-
-
 def _rescaled_series(
     directory: Path, n: int = 12, *, jpeg: bool = False
 ) -> tuple[list[Path], np.ndarray]:
@@ -625,13 +525,13 @@ def test_hu_are_rounded_once_by_both_decoders(
 ) -> None:
     paths, expected = _rescaled_series(tmp_path, n=40, jpeg=jpeg)
     gdcm_reads: list[int] = []
-    gdcm_series = ct._gdcm_series
+    gdcm_series = ct_decode._gdcm_series
 
     def counting(run: Sequence[object], block: np.ndarray) -> bool:
         gdcm_reads.append(len(run))
         return gdcm_series(run, block)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ct, "_gdcm_series", counting)
+    monkeypatch.setattr(ct_decode, "_gdcm_series", counting)
     for decoder in ("gdcm", "pydicom"):
         for workers in (1, 3):
             gdcm_reads.clear()
@@ -669,10 +569,10 @@ def test_gdcm_fallbacks_give_the_same_volume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths, expected = _rescaled_series(tmp_path, jpeg=True)
-    monkeypatch.setattr(ct, "_gdcm_series", lambda run, block: False)  # file by file
+    monkeypatch.setattr(ct_decode, "_gdcm_series", lambda run, block: False)  # file by file
     array = sitk.GetArrayFromImage(load_ct_series(paths).image)
     np.testing.assert_array_equal(array, expected)
-    monkeypatch.setattr(ct, "_gdcm_file", lambda item, out: False)  # pydicom
+    monkeypatch.setattr(ct_decode, "_gdcm_file", lambda item, out: False)  # pydicom
     array = sitk.GetArrayFromImage(load_ct_series(paths).image)
     np.testing.assert_array_equal(array, expected)
 
@@ -683,7 +583,7 @@ def test_truncated_pixel_data_is_an_error(tmp_path: Path) -> None:
     ds = pydicom.dcmread(paths[2])  # spatial (sorted) slice 2
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(paths[2])
-    with pytest.raises(PreprocessError, match=r"sorted slice 2 cannot be decoded \(Explicit VR"):
+    with pytest.raises(CorruptSliceError, match=r"sorted slice 2 cannot be decoded \(Explicit VR"):
         load_ct_series(paths)
 
 
@@ -694,7 +594,7 @@ def test_malformed_rle_is_an_error_not_a_crash(tmp_path: Path) -> None:
     ds.compress(RLELossless)
     ds.PixelData = encapsulate([bytes(64)])  # an RLE header with no segments
     ds.save_as(paths[7])
-    with pytest.raises(PreprocessError, match=r"sorted slice 7 cannot be decoded \(RLE Lossless"):
+    with pytest.raises(CorruptSliceError, match=r"sorted slice 7 cannot be decoded \(RLE Lossless"):
         load_ct_series(paths)
 
 

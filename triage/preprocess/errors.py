@@ -5,7 +5,13 @@ Messages say what is wrong (attribute, count, geometry, range) and never hold pa
 
 from __future__ import annotations
 
-__all__ = ["GantryTiltError", "IncompleteSeriesError", "InputContractError", "PreprocessError"]
+__all__ = [
+    "CorruptSliceError",
+    "GantryTiltError",
+    "IncompleteSeriesError",
+    "InputContractError",
+    "PreprocessError",
+]
 
 
 class PreprocessError(ValueError):
@@ -21,6 +27,17 @@ class IncompleteSeriesError(PreprocessError):
 
     The study gets the ``incomplete_series`` status (more images may still arrive). The message
     gives counts and millimetres only.
+    """
+
+
+class CorruptSliceError(PreprocessError):
+    """Slices of the series hold pixel data that is cut short or cannot be decoded: a
+    compressed stream without its end marker, frames missing from the encapsulated pixel data,
+    a decoder error, or a decoded frame of the wrong size.
+
+    The study gets the ``failed`` status with this reason: the files are damaged, so waiting
+    for more images does not help (unlike ``IncompleteSeriesError``), and no model reads the
+    series. The message gives counts, slice indices and transfer syntaxes only.
     """
 
 

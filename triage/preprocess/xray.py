@@ -52,8 +52,8 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from triage.preprocess.ct import IMAGE_KEY
 from triage.preprocess.errors import InputContractError, PreprocessError
+from triage.preprocess.intensity import IMAGE_KEY
 from triage.preprocess.views import view_position
 
 __all__ = [
