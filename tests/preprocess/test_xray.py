@@ -12,6 +12,7 @@ import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_encoder, pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -30,6 +31,7 @@ from pydicom.uid import (
 
 from tests.conftest import pydicom_file
 from triage.preprocess.ct import PreprocessError
+from triage.preprocess.errors import CorruptSliceError
 from triage.preprocess.xray import (
     InputContractError,
     ResizeGeometry,
@@ -696,3 +698,20 @@ def test_siim_monochrome1_and_monochrome2_give_the_same_input(
     assert small.geometry.resized_shape == (256, 256)
     assert small.geometry.padding == ((0, 0), (32, 32))
     assert small.pixel_spacing_mm == pytest.approx((0.672, 0.672))
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["cut", "cut-and-zero-padded"])
+def test_a_cut_compressed_radiograph_is_refused_not_decoded_to_filler(
+    tmp_path: Path, pad: bool
+) -> None:
+    if not get_encoder(JPEGLSLossless).is_available:
+        pytest.skip("no JPEG-LS encoder installed")
+    recoded = _recode(pydicom_file("RG3_UNCR.dcm"), tmp_path / "rg3.dcm", JPEGLSLossless)
+    ds = pydicom.dcmread(recoded)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    cut = frame[: len(frame) // 3]
+    ds.PixelData = encapsulate([cut + bytes(len(frame) - len(cut)) if pad else cut])
+    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    with pytest.raises(CorruptSliceError, match="incomplete: 1 of 1 frame"):
+        load_radiograph(tmp_path / "cut.dcm")
+    assert load_radiograph(recoded).pixels.shape == (ds.Rows, ds.Columns)  # intact: read

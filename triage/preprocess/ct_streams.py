@@ -44,7 +44,14 @@ from pydicom.uid import (
 from triage.preprocess.ct_headers import Frame
 from triage.preprocess.errors import CorruptSliceError
 
-__all__ = ["END_MARKER", "END_WINDOW", "JPEG_FAMILY", "check_streams", "stream_faults"]
+__all__ = [
+    "END_MARKER",
+    "END_WINDOW",
+    "JPEG_FAMILY",
+    "check_streams",
+    "object_stream_problem",
+    "stream_faults",
+]
 
 JPEG_FAMILY: Final[frozenset[str]] = frozenset(
     str(uid) for uid in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes)
@@ -165,3 +172,23 @@ def check_streams(slices: Sequence[Frame]) -> None:
     faults = stream_faults(slices)
     if faults:
         raise CorruptSliceError(_describe(faults, slices))
+
+
+def object_stream_problem(ds: pydicom.Dataset) -> str | None:
+    """Why a single object's compressed frames are not whole (a radiograph, see the module
+    docstring), or None: frames cut short, missing, or encapsulation that cannot be parsed.
+    Objects outside ``JPEG_FAMILY`` are not looked at."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax not in JPEG_FAMILY or "PixelData" not in ds:
+        return None
+    n_frames = _n_frames(ds)
+    try:
+        tails = _frame_tails(ds, n_frames)
+    except Exception as exc:
+        return f"encapsulated pixel data cannot be parsed ({type(exc).__name__})"
+    if len(tails) < n_frames:
+        return f"frame missing from the encapsulated pixel data ({len(tails)} of {n_frames} found)"
+    cut = [k for k, tail in enumerate(tails) if END_MARKER not in tail]
+    if cut:
+        return f"{len(cut)} of {n_frames} frame(s) ({UID(syntax).name}): {_CUT}"
+    return None

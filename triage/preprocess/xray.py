@@ -52,7 +52,8 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from triage.preprocess.errors import InputContractError, PreprocessError
+from triage.preprocess.ct_streams import object_stream_problem
+from triage.preprocess.errors import CorruptSliceError, InputContractError, PreprocessError
 from triage.preprocess.intensity import IMAGE_KEY
 from triage.preprocess.views import view_position
 
@@ -257,6 +258,10 @@ def _check_header(ds: pydicom.Dataset) -> None:
 
 
 def _decode(ds: pydicom.Dataset) -> np.ndarray:
+    # A cut JPEG-family stream decodes without error into filler rows (see ct_streams).
+    problem = object_stream_problem(ds)
+    if problem:
+        raise CorruptSliceError(f"the radiograph's pixel data is incomplete: {problem}")
     try:
         stored = pixel_array(ds)  # masks bits above BitsStored, sign-extends signed data
     except Exception as exc:
