@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 
 from triage.ingest.structure import NOT_DICOM, Layout, Limits, StructureError, check_structure
 
@@ -128,6 +130,14 @@ def _read(data: bytes, layout: Layout) -> Dataset:
     return ds
 
 
+def _holds_nul(value: object) -> bool:
+    """A NUL inside a text value (pydicom drops NULs that pad the end): no text VR allows
+    one, and PostgreSQL cannot keep one in a text column of the index."""
+    if isinstance(value, MultiValue):
+        return any(_holds_nul(v) for v in value)
+    return isinstance(value, str | PersonName) and "\x00" in str(value)
+
+
 def _undecodable(ds: Dataset) -> str | None:
     """Decode the attributes ingest reads; the first that cannot be decoded, or None."""
     meta = getattr(ds, "file_meta", None) or Dataset()
@@ -135,9 +145,9 @@ def _undecodable(ds: Dataset) -> str | None:
         for keyword in keywords:
             try:
                 value = where.get(keyword)
+                values = [value]
                 for item_keyword in READ_AT_INGEST_ITEMS.get(keyword, ()):
-                    for item in value or []:
-                        item.get(item_keyword)
+                    values += [item.get(item_keyword) for item in value or []]
             except MemoryError:
                 raise
             except Exception as exc:
@@ -145,6 +155,8 @@ def _undecodable(ds: Dataset) -> str | None:
                     f"unreadable DICOM: {keyword} cannot be decoded (a value or length its VR"
                     f" does not allow: {type(exc).__name__})"
                 )
+            if any(_holds_nul(v) for v in values):
+                return f"unreadable DICOM: {keyword} holds a NUL character inside a text value"
     return None
 
 
@@ -159,6 +171,7 @@ def parse(data: bytes, limits: Limits) -> Parsed | str:
         layout = check_structure(data, limits)
     except StructureError as exc:
         return str(exc)
+    walked_ts = layout.transfer_syntax
     try:
         with _NOTES.collect() as notes:
             ds = _read(data, layout)
@@ -176,8 +189,14 @@ def parse(data: bytes, limits: Limits) -> Parsed | str:
     if has_meta and len(ds) == 0:
         return "unreadable DICOM: no data set after the file meta (truncated or malformed)"
     if has_meta:
-        if not ds.file_meta.get("TransferSyntaxUID"):
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        if not ts:
             return "unreadable DICOM: file meta has no TransferSyntaxUID"
+        if str(ts) != walked_ts:  # e.g. under a VR that keeps what UI's padding rule drops
+            return (
+                "unreadable DICOM: the file meta's TransferSyntaxUID does not read as the"
+                " transfer syntax it names (a wrong VR or padding)"
+            )
         return Parsed(ds)
     if len(ds) == 0 or "SOPInstanceUID" not in ds:
         return NOT_DICOM
