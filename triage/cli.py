@@ -577,5 +577,15 @@ def demo(
         _fail(str(exc), 1)
 
 
+def _register_admin_commands() -> None:
+    from triage.cli_admin import accounts_app, audit_app, tokens_app
+
+    app.add_typer(accounts_app, name="accounts")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(audit_app, name="audit")
+
+
+_register_admin_commands()
+
 if __name__ == "__main__":
     app()

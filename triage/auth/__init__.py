@@ -1,0 +1,1 @@
+"""Accounts, roles, passwords and API tokens (who may see and do what)."""
