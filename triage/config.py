@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    dicom_host: str = "0.0.0.0"
+    dicom_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of the DICOM listener: loopback until a site opens it (set the"
+        " address the PACS reaches, or 0.0.0.0 for every interface).",
+    )
     dicom_port: int = 11112
     ae_title: str = "TRIAGE"
     allowed_calling_aets: list[str] = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from tests.conftest import pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow
 from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool, send_with_pynetdicom
-from triage.ingest.scp import ScpOptions, parse_networks, start_scp
+from triage.ingest.scp import ScpOptions, accepts_anyone, parse_networks, start_scp
 from triage.ingest.store import Ingestor, quarantine_listing
 from triage.serve.launcher import free_port
 
@@ -245,3 +246,25 @@ def test_maximum_pdu_size_is_announced(tmp_path: Path) -> None:
             assert assoc.acceptor.maximum_length == 32768
         finally:
             assoc.release()
+
+
+def test_an_open_listener_says_so_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="triage.ingest.scp"):
+        with running_scp(tmp_path / "open"):
+            pass
+    assert "accepts any calling AE title (set TRIAGE_ALLOWED_CALLING_AETS)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="triage.ingest.scp"):
+        with running_scp(tmp_path / "closed", allowed_calling_aets=["PACS1"]):
+            pass
+    assert "accepts" not in caplog.text
+
+
+def test_the_listener_is_on_loopback_until_a_site_opens_it() -> None:
+    from triage.config import Settings
+
+    assert Settings().dicom_host == "127.0.0.1"
+    everywhere = ScpOptions(host="0.0.0.0", port=1, ae_title="T", allowed_calling_aets=["P"])
+    assert accepts_anyone(everywhere) == "any peer address (set TRIAGE_ALLOWED_PEER_ADDRESSES)"

@@ -199,4 +199,18 @@ def start_scp(options: ScpOptions, ingestor: Ingestor) -> ThreadedAssociationSer
         options.port,
         " (TLS)" if server.ssl_context else "",
     )
+    open_to = accepts_anyone(options)
+    if open_to:
+        log.warning("the DICOM listener accepts %s", open_to)
     return server
+
+
+def accepts_anyone(options: ScpOptions) -> str | None:
+    """What the listener lets in without a check, in words, or None when both the calling
+    AE titles and the peer addresses are restricted."""
+    loose = []
+    if not options.allowed_calling_aets:
+        loose.append("any calling AE title (set TRIAGE_ALLOWED_CALLING_AETS)")
+    if not options.allowed_peer_addresses and options.host not in ("127.0.0.1", "::1", "localhost"):
+        loose.append("any peer address (set TRIAGE_ALLOWED_PEER_ADDRESSES)")
+    return " and ".join(loose) if loose else None
