@@ -53,19 +53,27 @@ def _actor() -> str:
 
 
 def _audit(db, action: str, target_kind: str, target: str, **detail: object) -> None:  # type: ignore[no-untyped-def]
+    from triage.audit import atna
     from triage.audit.chain import AuditEvent, append
 
-    append(
-        db,
-        AuditEvent(
-            action=action,
-            actor=_actor(),
-            target_kind=target_kind,
-            target=target,
-            source_address="local",
-            detail=detail,
-        ),
-    )
+    try:
+        atna.install(_cli()._settings(None))  # TRIAGE_ATNA_SYSLOG, when set
+    except (ValueError, OSError) as exc:
+        _fail(f"TRIAGE_ATNA_SYSLOG: {exc}")
+    try:
+        append(
+            db,
+            AuditEvent(
+                action=action,
+                actor=_actor(),
+                target_kind=target_kind,
+                target=target,
+                source_address="local",
+                detail=detail,
+            ),
+        )
+    finally:
+        atna.close(timeout=5.0)
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -228,6 +228,92 @@ class Settings(BaseSettings):
     )
     webhook_backoff_max_seconds: float = Field(default=600.0, gt=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    atna_syslog: str | None = Field(
+        default=None,
+        description="Send every audit record as a DICOM PS3.15 A.5 audit message (IHE ATNA"
+        " ITI-20) to this syslog destination: udp://host[:514], tcp://host:port (RFC 5425"
+        " framing without TLS) or tls://host[:6514]; None: no syslog (the database audit"
+        " chain is kept either way).",
+    )
+    atna_source_id: str | None = Field(
+        default=None,
+        description="AuditSourceID of the audit messages; default triage@<host name>.",
+    )
+    atna_enterprise_site_id: str | None = Field(
+        default=None, description="AuditEnterpriseSiteID of the audit messages (optional)."
+    )
+    atna_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle the tls:// audit repository's certificate is checked"
+        " against; default: the system's trusted CAs.",
+    )
+    atna_tls_cert: Path | None = Field(
+        default=None,
+        description="PEM client certificate for tls:// (ATNA node authentication, with the key).",
+    )
+    atna_tls_key: Path | None = Field(default=None, description="PEM key of atna_tls_cert.")
+    atna_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        description="Audit messages waiting to be sent at most; more are dropped (counted and"
+        " logged), never waited for.",
+    )
+    atna_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Connect and send timeout towards the syslog destination; after a failure"
+        " messages are dropped for as long, then it is tried again.",
+    )
+    ldap_url: str | None = Field(
+        default=None,
+        description="The hospital directory (LDAP, Active Directory): ldap://host[:port] or"
+        " ldaps://host[:port]; None: no sign-in through the directory.",
+    )
+    ldap_bind_dn: str | None = Field(
+        default=None,
+        description="DN of the service account that searches the directory for users; None:"
+        " searches are anonymous.",
+    )
+    ldap_bind_password: SecretStr | None = Field(
+        default=None, description="Password of the service account (ldap_bind_dn)."
+    )
+    ldap_user_base: str | None = Field(
+        default=None,
+        description="Where users are searched (subtree), e.g. ou=people,dc=hospital,dc=local;"
+        " needed when ldap_url is set.",
+    )
+    ldap_user_filter: str = Field(
+        default="(&(objectClass=person)(uid={username}))",
+        description="Filter finding one user; {username} is replaced by the escaped username"
+        " (Active Directory: (&(objectClass=user)(sAMAccountName={username}))).",
+    )
+    ldap_group_base: str | None = Field(
+        default=None,
+        description="Where groupOfNames/groupOfUniqueNames groups listing the user as member"
+        " are searched (subtree), besides the user's memberOf; None: memberOf only.",
+    )
+    ldap_group_roles: dict[str, Literal["admin", "radiologist", "integration"]] = Field(
+        default_factory=dict,
+        description='Group DN -> role, {"cn=radiologists,ou=groups,dc=hospital,dc=local":'
+        ' "radiologist"} (JSON); a user gets the highest role of their groups (admin >'
+        " radiologist > integration); a user in none of them cannot sign in.",
+    )
+    ldap_starttls: bool = Field(
+        default=False,
+        description="Upgrade ldap:// connections with StartTLS before anything is sent.",
+    )
+    ldap_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle the directory's certificate is checked against (ldaps:// or"
+        " StartTLS); None: the system's CAs.",
+    )
+    ldap_timeout_seconds: int = Field(
+        default=5,
+        ge=1,
+        le=300,
+        description="Connecting to the directory, and each of its answers, times out after"
+        " this many seconds (the sign-in is then refused as directory unavailable).",
+    )
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -110,9 +110,16 @@ def append_in(conn: Connection, event: AuditEvent, *, now: datetime | None = Non
 
 
 def append(db: Database, event: AuditEvent, *, now: datetime | None = None) -> int:
-    """Append a record in a transaction of its own. Returns its id."""
+    """Append a record in a transaction of its own and, once it is committed, send it to
+    the ATNA syslog repository when one is configured (:mod:`triage.audit.atna`). Returns
+    its id. (:func:`append_in` leaves sending to its caller, after the commit.)"""
+    from triage.audit import atna  # late: atna imports this module
+
+    at = now or datetime.now(UTC)
     with db.engine.begin() as conn:
-        return append_in(conn, event, now=now)
+        record_id = append_in(conn, event, now=at)
+    atna.emit(event, at)
+    return record_id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from triage.auth.passwords import hash_password, needs_rehash, password_problem, verify_password
@@ -135,6 +135,59 @@ def list_accounts(db: Database) -> list[Account]:
 
 def count_admins(db: Database) -> int:
     return sum(1 for a in list_accounts(db) if a.role == Role.admin and not a.disabled)
+
+
+def upsert_directory_account(
+    db: Database,
+    username: str,
+    role: Role,
+    *,
+    display_name: str | None,
+    now: datetime | None = None,
+) -> Account:
+    """The account of a user the directory has just signed in (``source=ldap``, no password):
+    created the first time, its role and display name the directory's each time, its last
+    sign-in ``now`` unless it is disabled. The last-admin rule does not apply (the directory
+    decides). Raises :class:`AccountError` when another kind of account holds the name, even
+    spelled in another case: no silent takeover.
+    """
+    problem = username_problem(username)
+    if problem:
+        raise AccountError(problem)
+    now = now or datetime.now(UTC)
+    display = display_name[:128] if display_name else None
+    for attempt in range(2):  # a concurrent first sign-in may insert the row before this one
+        try:
+            with db.session() as s:
+                rows = s.scalars(
+                    select(AccountRow).where(func.lower(AccountRow.username) == username.lower())
+                ).all()
+                if any(r.source != AccountSource.ldap.value for r in rows):
+                    raise AccountError(
+                        f"a local account named {username!r} exists; the directory cannot"
+                        " take it over"
+                    )
+                row = next((r for r in rows if r.username == username), None)
+                if row is None:
+                    row = AccountRow(
+                        username=username,
+                        source=AccountSource.ldap.value,
+                        password_hash=None,
+                        disabled=False,
+                        created_at=now,
+                        failed_logins=0,
+                    )
+                    s.add(row)
+                row.role = Role(role).value
+                row.display_name = display
+                if not row.disabled:
+                    row.last_login_at = now
+                s.flush()
+                return Account.of(row)
+        except IntegrityError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _change(db: Database, username: str, **values: object) -> Account:
