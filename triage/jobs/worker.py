@@ -77,6 +77,10 @@ class Worker:
             thread.start()
             self._threads.append(thread)
 
+    def threads(self) -> list[threading.Thread]:
+        """The worker's threads (assembly and analysis), for the health check."""
+        return list(self._threads)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()

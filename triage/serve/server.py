@@ -63,7 +63,7 @@ class TriageService:
             disk_paths=[settings.incoming_dir, settings.store_dir, settings.results_dir],
             min_free_bytes=settings.min_free_bytes,
             # The Worker keeps its threads private; only their liveness is read here.
-            worker_threads=lambda: list(self.worker._threads),
+            worker_threads=self.worker.threads,
         )
         hosts = security.allowed_hosts(settings.http_allowed_hosts, settings.http_host)
         if not settings.http_allowed_hosts and settings.http_host in security.WILDCARD_ADDRESSES:
