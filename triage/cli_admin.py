@@ -35,9 +35,12 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise AssertionError("unreachable")  # _fail exits
 
 
-def _db(data_dir):  # type: ignore[no-untyped-def]
+def _db(data_dir: str | None):  # type: ignore[no-untyped-def]
+    """The data folder's database (``--data-dir`` when given), created when new."""
+    from pathlib import Path
+
     cli = _cli()
-    settings = cli._settings(data_dir)
+    settings = cli._settings(Path(data_dir) if data_dir else None)
     try:
         settings.ensure_dirs()
     except OSError as exc:
@@ -105,11 +108,9 @@ def accounts_add(
     data_dir: DataDir = None,
 ) -> None:
     """Create an account (the first admin too). Passwords: at least 12 characters."""
-    from pathlib import Path
-
     from triage.auth.accounts import AccountError, create_account
 
-    db = _db(Path(data_dir) if data_dir else None)
+    db = _db(data_dir)
     password = None if no_password else _read_password(password_stdin)
     try:
         account = create_account(db, username, role, password=password, display_name=display_name)
@@ -124,11 +125,9 @@ def accounts_list(
     as_json: Annotated[bool, typer.Option("--json")] = False, data_dir: DataDir = None
 ) -> None:
     """List the accounts."""
-    from pathlib import Path
-
     from triage.auth.accounts import list_accounts
 
-    accounts = list_accounts(_db(Path(data_dir) if data_dir else None))
+    accounts = list_accounts(_db(data_dir))
     if as_json:
         sys.stdout.write(json.dumps({"items": [a.as_dict() for a in accounts]}, indent=2) + "\n")
         return
@@ -149,11 +148,9 @@ def accounts_list(
 
 
 def _change(data_dir: str | None, action: str, username: str, **detail: object) -> None:
-    from pathlib import Path
-
     from triage.auth.accounts import AccountError, set_disabled, set_password, set_role
 
-    db = _db(Path(data_dir) if data_dir else None)
+    db = _db(data_dir)
     try:
         if action == "account_role":
             set_role(db, username, Role(str(detail["role"])))
@@ -205,12 +202,10 @@ def tokens_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create a token for an account; it is printed once, only its hash is kept."""
-    from pathlib import Path
-
     from triage.auth.accounts import AccountError
     from triage.auth.tokens import create_token
 
-    db = _db(Path(data_dir) if data_dir else None)
+    db = _db(data_dir)
     expires = datetime.now(UTC) + timedelta(days=days) if days else None
     try:
         token, info = create_token(db, username, name, expires_at=expires)
@@ -227,11 +222,9 @@ def tokens_list(
     data_dir: DataDir = None,
 ) -> None:
     """List tokens (never the tokens themselves: their first characters)."""
-    from pathlib import Path
-
     from triage.auth.tokens import list_tokens
 
-    tokens = list_tokens(_db(Path(data_dir) if data_dir else None), username)
+    tokens = list_tokens(_db(data_dir), username)
     if as_json:
         sys.stdout.write(json.dumps({"items": [t.as_dict() for t in tokens]}, indent=2) + "\n")
         return
@@ -260,12 +253,10 @@ def tokens_list(
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: int, data_dir: DataDir = None) -> None:
     """Revoke a token by its id (``triage tokens list``)."""
-    from pathlib import Path
-
     from triage.auth.accounts import AccountError
     from triage.auth.tokens import revoke_token
 
-    db = _db(Path(data_dir) if data_dir else None)
+    db = _db(data_dir)
     try:
         info = revoke_token(db, token_id)
     except AccountError as exc:
@@ -277,11 +268,9 @@ def tokens_revoke(token_id: int, data_dir: DataDir = None) -> None:
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDir = None) -> None:
     """Check the audit chain; exit 1 naming the first broken record."""
-    from pathlib import Path
-
     from triage.audit.chain import verify
 
-    result = verify(_db(Path(data_dir) if data_dir else None))
+    result = verify(_db(data_dir))
     if result.ok:
         typer.echo(f"audit trail intact: {result.checked} record(s)")
         return
@@ -299,12 +288,10 @@ def audit_list(
     data_dir: DataDir = None,
 ) -> None:
     """The newest audit records, filtered."""
-    from pathlib import Path
-
     from triage.audit.chain import listing
 
     items = listing(
-        _db(Path(data_dir) if data_dir else None),
+        _db(data_dir),
         actor=actor,
         action=action,
         target=target,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,7 +202,6 @@ def test_a_filter_finding_several_users_signs_in_nobody(slapd: Slapd) -> None:
 
 
 def test_an_unavailable_directory_is_an_outcome_not_an_exception(slapd: Slapd) -> None:
-    started = time.monotonic()
     closed = authenticate(settings_for(closed_port_url()), "alice", ALICE_PASSWORD)
     assert closed.outcome == DirectoryOutcome.directory_unavailable
     # A directory that accepts connections and never answers: the timeout bounds the wait.
@@ -213,7 +211,6 @@ def test_an_unavailable_directory_is_an_outcome_not_an_exception(slapd: Slapd) -
         url = f"ldap://127.0.0.1:{silent.getsockname()[1]}"
         hung = authenticate(settings_for(url, timeout_seconds=1), "alice", ALICE_PASSWORD)
     assert hung.outcome == DirectoryOutcome.directory_unavailable
-    assert time.monotonic() - started < 10  # a bound on the test, not a speed measurement
     # The service account refused, or a user base that does not exist: a site's settings
     # are wrong, not the user's password.
     bad_service = settings_for(slapd, bind_password="not the service password")
