@@ -217,6 +217,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["critical_finding"],
         description="Event kinds sent to the webhook (JSON list).",
     )
+    webhook_patient_identifiers: bool = Field(
+        default=False,
+        description="Whether webhook bodies carry accession numbers (critical_finding"
+        " payloads, FHIR Task identifiers); off: the StudyInstanceUID only.",
+    )
     webhook_max_attempts: int = Field(
         default=8, ge=1, description="Attempts before a webhook event is marked failed."
     )
@@ -313,6 +318,20 @@ class Settings(BaseSettings):
         le=300,
         description="Connecting to the directory, and each of its answers, times out after"
         " this many seconds (the sign-in is then refused as directory unavailable).",
+    )
+
+    session_idle_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        le=24 * 60,
+        description="A page session ends after this many minutes without a request (the page"
+        " polls while open, so this counts from when it was closed or the computer slept).",
+    )
+    session_max_hours: float = Field(
+        default=12.0,
+        gt=0,
+        le=7 * 24,
+        description="A page session ends this many hours after sign-in, however active.",
     )
 
     @cached_property

@@ -29,13 +29,13 @@ action                                        message
                                               / 110123 Logout (A.5.3.12)
 ``view``, ``study_view``                      110103 DICOM Instances Accessed, R (A.5.3.6)
 ``claim``, ``renew``, ``release``,            110111 Procedure Record, U (A.5.3.15), with a
-``complete``                                  local EventTypeCode naming the step
+``complete``, ``acknowledge``                 local EventTypeCode naming the step
 ``query``, ``worklist``                       110112 Query, E (A.5.3.10)
 ``export``                                    110106 Export, R (A.5.3.4)
 ``account_create``                            110113 Security Alert, E, types 110137 User
                                               security Attributes Changed and 110136 Security
                                               Roles Changed (A.5.3.11)
-``account_role``                              110113 Security Alert, E, type 110136
+``account_role``, ``account_grants``          110113 Security Alert, E, type 110136
 ``account_disable``, ``account_enable``,      110113 Security Alert, E, type 110137
 ``account_password``, ``token_create``,
 ``token_revoke``
@@ -142,6 +142,7 @@ TYPE_READING = {
     "renew": Code("RENEW", LOCAL_SCHEME, "Reading Claim Renewed"),
     "release": Code("RELEASE", LOCAL_SCHEME, "Reading Claim Released"),
     "complete": Code("COMPLETE", LOCAL_SCHEME, "Reading Completed"),
+    "acknowledge": Code("ACKNOWLEDGE", LOCAL_SCHEME, "Critical Finding Acknowledged"),
 }
 # RoleIDCode
 ROLE_APPLICATION = Code("110150", DCM, "Application")
@@ -172,6 +173,7 @@ SECURITY_ACTIONS: dict[str, tuple[Code, ...]] = {
     "account_disable": (TYPE_USER_SECURITY_ATTRIBUTES_CHANGED,),
     "account_enable": (TYPE_USER_SECURITY_ATTRIBUTES_CHANGED,),
     "account_password": (TYPE_USER_SECURITY_ATTRIBUTES_CHANGED,),
+    "account_grants": (TYPE_SECURITY_ROLES_CHANGED,),
     "token_create": (TYPE_USER_SECURITY_ATTRIBUTES_CHANGED,),
     "token_revoke": (TYPE_USER_SECURITY_ATTRIBUTES_CHANGED,),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from triage.auth.passwords import hash_password, needs_rehash, password_problem, verify_password
-from triage.auth.roles import Role
+from triage.auth.roles import Permission, Role, permissions_of
 from triage.db import Database
 from triage.db.tables import AccountRow
 
@@ -45,6 +46,12 @@ class Account:
     has_password: bool
     locked_until: datetime | None
     last_login_at: datetime | None
+    grants: frozenset[Permission] = frozenset()
+
+    @property
+    def permissions(self) -> frozenset[Permission]:
+        """What this account may do: its role's permissions and those granted to it."""
+        return permissions_of(self.role) | self.grants
 
     @classmethod
     def of(cls, row: AccountRow) -> Account:
@@ -58,6 +65,7 @@ class Account:
             has_password=row.password_hash is not None,
             locked_until=_aware(row.locked_until),
             last_login_at=_aware(row.last_login_at),
+            grants=parse_grants(row.grants),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -70,6 +78,7 @@ class Account:
             "has_password": self.has_password,
             "locked_until": self.locked_until.isoformat() if self.locked_until else None,
             "last_login_at": self.last_login_at.isoformat() if self.last_login_at else None,
+            "grants": sorted(p.value for p in self.grants),
         }
 
 
@@ -78,6 +87,22 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def parse_grants(text: str | None) -> frozenset[Permission]:
+    """The permissions kept in ``accounts.grants`` (unknown names, from a newer version, are
+    ignored rather than failing every request of the account)."""
+    known = {p.value for p in Permission}
+    return frozenset(Permission(n) for n in (text or "").split(",") if n.strip() in known)
+
+
+def set_grants(db: Database, username: str, grants: Iterable[Permission | str]) -> Account:
+    """Replace the permissions granted to ``username`` beyond its role's."""
+    try:
+        wanted = sorted({Permission(g).value for g in grants})
+    except ValueError:
+        raise AccountError(f"a grant is one of {', '.join(p.value for p in Permission)}") from None
+    return _change(db, username, grants=",".join(wanted) or None)
 
 
 def username_problem(username: str) -> str | None:

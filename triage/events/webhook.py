@@ -28,6 +28,7 @@ from triage.db import Database
 from triage.db.tables import EventRow
 from triage.domain import WebhookState
 from triage.events.outbox import event_of_row
+from triage.events.visibility import visible
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class WebhookConfig:
     max_backoff_seconds: float = 600.0
     timeout_seconds: float = 10.0
     poll_seconds: float = 1.0
+    patient_identifiers: bool = False
+    """Whether bodies carry accession numbers (``triage.events.visibility``)."""
 
 
 class WebhookSender:
@@ -145,7 +148,7 @@ class WebhookSender:
         row = self._lease(event_id, attempts)
         if row is None:
             return False
-        event = event_of_row(row)
+        event = visible(event_of_row(row), patient_identifiers=self.config.patient_identifiers)
         body = json.dumps(event.to_json(), separators=(",", ":"), sort_keys=True).encode()
         headers = {
             "Content-Type": "application/json",

@@ -15,23 +15,44 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
 from triage import __version__
+from triage.audit.chain import Outcome
+from triage.auth.roles import Permission
+from triage.auth.sessions import resolve_session
 from triage.db import Database
 from triage.db.tables import FindingRow, StudyRow
 from triage.events import outbox
 from triage.events.fhir import task_from_item
 from triage.events.publisher import study_item
+from triage.events.visibility import visible, without_patient_identifiers
 from triage.ingest.store import Ingestor
-from triage.serve import docs, security
+from triage.serve import admin, docs, security, signin
+from triage.serve.auth import (
+    SESSION_COOKIE,
+    AuthConfig,
+    Claim,
+    ViewEvents,
+    ViewPatients,
+    ViewQuarantine,
+    audit,
+    document_permissions,
+)
 from triage.serve.health import HealthReport
 from triage.worklist import queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_SCRIPTS = frozenset({"login.js"})
 
 
 def get_db(request: Request) -> Database:
@@ -47,7 +68,8 @@ _MAX_LEASE_S = queue.MAX_LEASE.total_seconds()
 
 
 class ClaimRequest(BaseModel):
-    reader: str = Field(description="The radiologist's user name (1-64 letters, digits, ._@-).")
+    """The reader is the signed-in account; a ``reader`` in the body is ignored."""
+
     lease_seconds: float | None = Field(
         default=None,
         description=f"How long the claim lasts without renewal, {_MIN_LEASE_S:g} to"
@@ -66,6 +88,14 @@ class ClaimRequest(BaseModel):
                 f" {_MAX_LEASE_S:g}"
             )
         return value
+
+
+class AcknowledgeRequest(BaseModel):
+    finding: str = Field(
+        min_length=1,
+        max_length=64,
+        description="The flagged finding, e.g. intracranial_haemorrhage.",
+    )
 
 
 class NextRequest(ClaimRequest):
@@ -102,6 +132,7 @@ def create_app(
     lease_seconds: float = 900.0,
     health_check: Callable[[], HealthReport] | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    auth: AuthConfig | None = None,
 ) -> FastAPI:
     """Build the app around an open (migrated) database.
 
@@ -114,6 +145,8 @@ def create_app(
         health_check: checks every component for ``/api/health`` (``triage.serve.health``);
             None: the route answers ok whenever the app runs.
         allowed_hosts: the ``Host`` names answered (``triage.serve.security``); None: any.
+        auth: sessions and directory sign-in (``triage.serve.auth``); None: the defaults,
+            local accounts only.
     """
     app = FastAPI(title="triage", version=__version__, docs_url=None, redoc_url=None)
     security.install(app, hosts=allowed_hosts, page=STATIC_DIR / "index.html")
@@ -121,6 +154,9 @@ def create_app(
     app.state.db = db
     app.state.policy = policy
     app.state.lease_seconds = lease_seconds
+    app.state.auth = auth or AuthConfig()
+    app.include_router(signin.router)
+    app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, request_validation_error)
     if ingestor is not None:
         from triage.serve.budget import ByteBudget
@@ -142,6 +178,7 @@ def create_app(
 
     @app.get("/api/worklist")
     def get_worklist(
+        principal: ViewPatients,
         db: DB,
         request: Request,
         modality: Annotated[list[str] | None, Query()] = None,
@@ -158,66 +195,135 @@ def create_app(
         )
 
     @app.post("/api/worklist/next")
-    def claim_next(body: NextRequest, db: DB, request: Request) -> Response:
-        """Claim the first study in reading order the reader may take (204: none waiting)."""
+    def claim_next(body: NextRequest, principal: Claim, db: DB, request: Request) -> Response:
+        """Claim, for the signed-in reader, the first study in reading order they may take
+        (204: none waiting)."""
         try:
             item = queue.claim_next(
                 db,
-                body.reader,
+                principal.username,
                 modalities=body.modalities,
                 subspecialties=body.subspecialties,
                 lease=timedelta(seconds=body.lease_seconds or request.app.state.lease_seconds),
                 config=request.app.state.policy,
             )
         except queue.ClaimError as exc:
+            audit(
+                request,
+                "claim",
+                principal=principal,
+                outcome=Outcome.failure,
+                target_kind="study",
+                detail={"next": True, "reason": str(exc)},
+            )
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
         if item is None:
             return Response(status_code=204)
+        audit(
+            request,
+            "claim",
+            principal=principal,
+            target_kind="study",
+            target=item["StudyInstanceUID"],
+            detail={"next": True},
+        )
         return JSONResponse(item)
+
+    @app.post("/api/studies/{study_uid}/acknowledge")
+    def acknowledge(
+        study_uid: str, body: AcknowledgeRequest, principal: Claim, db: DB, request: Request
+    ) -> dict[str, Any]:
+        """Acknowledge a critical-finding alert: the signed-in reader has seen that the AI
+        flagged ``finding`` on this study. Recorded in the audit trail (who, when, which
+        study and finding); 404 when the study has no such finding."""
+        with db.session() as s:
+            found = s.scalar(
+                select(FindingRow.id)
+                .join(StudyRow, StudyRow.id == FindingRow.study_id)
+                .where(StudyRow.StudyInstanceUID == study_uid, FindingRow.finding == body.finding)
+                .limit(1)
+            )
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such finding on this study")
+        record = audit(
+            request,
+            "acknowledge",
+            principal=principal,
+            target_kind="study",
+            target=study_uid,
+            detail={"finding": body.finding},
+        )
+        return {
+            "StudyInstanceUID": study_uid,
+            "finding": body.finding,
+            "acknowledged_by": principal.username,
+            "audit_record": record,
+        }
 
     @app.post("/api/studies/{study_uid}/{action}")
     def claim_action(
-        study_uid: str, action: str, body: ClaimRequest, db: DB, request: Request
+        study_uid: str,
+        action: str,
+        body: ClaimRequest,
+        principal: Claim,
+        db: DB,
+        request: Request,
     ) -> dict[str, Any]:
-        """``claim``, ``renew``, ``release`` or ``complete`` a study for a reader."""
+        """``claim``, ``renew``, ``release`` or ``complete`` a study for the signed-in reader."""
+        if action not in ("claim", "renew", "release", "complete"):
+            raise HTTPException(status_code=404, detail="unknown action")
         lease = timedelta(seconds=body.lease_seconds or request.app.state.lease_seconds)
+        reader = principal.username
         try:
             if action == "claim":
-                expires = queue.claim(db, study_uid, body.reader, lease=lease)
+                expires = queue.claim(db, study_uid, reader, lease=lease)
             elif action == "renew":
-                expires = queue.renew(db, study_uid, body.reader, lease=lease)
+                expires = queue.renew(db, study_uid, reader, lease=lease)
             elif action == "release":
-                queue.release(db, study_uid, body.reader)
-                expires = None
-            elif action == "complete":
-                queue.complete(db, study_uid, body.reader)
+                queue.release(db, study_uid, reader)
                 expires = None
             else:
-                raise HTTPException(status_code=404, detail="unknown action")
+                queue.complete(db, study_uid, reader)
+                expires = None
         except queue.ClaimError as exc:
+            audit(
+                request,
+                action,
+                principal=principal,
+                outcome=Outcome.failure,
+                target_kind="study",
+                target=study_uid,
+                detail={"reason": str(exc)},
+            )
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        audit(request, action, principal=principal, target_kind="study", target=study_uid)
         return {
             "StudyInstanceUID": study_uid,
-            "reader": body.reader,
+            "reader": reader,
             "action": action,
             "claim_expires_at": expires.isoformat() if expires else None,
         }
 
     @app.get("/api/quarantine")
-    def get_quarantine(db: DB) -> dict[str, Any]:
+    def get_quarantine(principal: ViewQuarantine, db: DB) -> dict[str, Any]:
         from triage.ingest.store import quarantine_listing
 
         return quarantine_listing(db)
 
     @app.get("/api/studies/{study_uid}")
-    def get_study(study_uid: str, db: DB) -> dict[str, Any]:
+    def get_study(
+        study_uid: str, principal: ViewPatients, db: DB, request: Request
+    ) -> dict[str, Any]:
+        """One study: its patient and order identifiers, series, AI findings and routing.
+        Each view is recorded in the audit trail."""
         doc = service.study_detail(db, study_uid)
         if doc is None:
             raise HTTPException(status_code=404, detail="unknown StudyInstanceUID")
+        audit(request, "study_view", principal=principal, target_kind="study", target=study_uid)
         return doc
 
     @app.get("/api/studies/{study_uid}/overlays/{finding}.png")
-    def get_overlay(study_uid: str, finding: str, db: DB) -> Response:
+    def get_overlay(study_uid: str, finding: str, principal: ViewPatients, db: DB) -> Response:
         with db.session() as s:
             mask_path = s.scalar(
                 select(FindingRow.mask_path)
@@ -233,19 +339,22 @@ def create_app(
         return Response(content=buf.getvalue(), media_type="image/png")
 
     @app.get("/api/studies/{study_uid}/fhir-task")
-    def get_fhir_task(study_uid: str, db: DB, request: Request) -> Response:
-        """The study's reading task as a FHIR R4 ``Task`` (see docs/integration.md)."""
+    def get_fhir_task(study_uid: str, principal: ViewEvents, db: DB, request: Request) -> Response:
+        """The study's reading task as a FHIR R4 ``Task`` (see docs/integration.md); the
+        accession number only for accounts that may see patient identifiers."""
         now = datetime.now(UTC)
         item = study_item(db, study_uid, now, request.app.state.policy)
         if item is None:
             raise HTTPException(status_code=404, detail="unknown StudyInstanceUID")
         system = getattr(request.app.state, "fhir_accession_system", None)
-        return JSONResponse(
-            task_from_item(item, now, accession_system=system), media_type="application/fhir+json"
-        )
+        task = task_from_item(item, now, accession_system=system)
+        if not principal.may(Permission.view_patients):
+            task = without_patient_identifiers(outbox.TASK, task)
+        return JSONResponse(task, media_type="application/fhir+json")
 
     @app.get("/api/events")
     async def get_events(
+        principal: ViewEvents,
         request: Request,
         after: Annotated[
             int | None,
@@ -261,8 +370,10 @@ def create_app(
         Starts after the ``Last-Event-ID`` header or ``?after=`` (default: only events from
         now on); ``?kinds=critical_finding,worklist_changed`` keeps only those kinds. An id
         that is not a whole number from 0 to ``outbox.MAX_EVENT_ID`` is refused before the
-        stream starts (400 for the header, 422 for ``?after=``).
+        stream starts (400 for the header, 422 for ``?after=``). Accession numbers only
+        for accounts that may see patient identifiers (``triage.events.visibility``).
         """
+        patients = principal.may(Permission.view_patients)
         state = request.app.state
         wanted: frozenset[str] | None = None
         if kinds:
@@ -296,7 +407,7 @@ def create_app(
                     return
                 events = await run_in_threadpool(cursor.poll, db)
                 for event in events:
-                    yield event.sse()
+                    yield visible(event, patient_identifiers=patients).sse()
                 if events:
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since >= keepalive:
@@ -311,7 +422,23 @@ def create_app(
         )
 
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
+    def index(request: Request) -> Response:
+        """The page; a browser without a live session is sent to the sign-in page."""
+        value = request.cookies.get(SESSION_COOKIE)
+        config: AuthConfig = request.app.state.auth
+        if not value or resolve_session(db, value, idle=config.session_idle) is None:
+            return RedirectResponse("/login", status_code=303)
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/login", include_in_schema=False)
+    def login_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "login.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> FileResponse:
+        if name not in STATIC_SCRIPTS:
+            raise HTTPException(status_code=404, detail="no such file")
+        return FileResponse(STATIC_DIR / name, media_type="text/javascript")
+
+    document_permissions(app)
     return app

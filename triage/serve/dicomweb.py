@@ -43,12 +43,14 @@ import json
 import logging
 import re
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
+from triage.auth.roles import Permission
 from triage.ingest.store import Ingestor, IngestOutcome, StoreStatus
+from triage.serve.auth import require
 from triage.serve.budget import ByteBudget
 from triage.serve.multipart import (
     DICOM,
@@ -62,7 +64,8 @@ from triage.serve.spool import BodyTooLarge, DiskReserve, InvalidLength, spool_b
 
 log = logging.getLogger(__name__)
 
-stow_router = APIRouter(tags=["dicomweb"])
+# Storing needs the ``ingest`` permission (an integration account's token, or an admin).
+stow_router = APIRouter(tags=["dicomweb"], dependencies=[Depends(require(Permission.ingest))])
 
 DICOM_JSON = "application/dicom+json"
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -11,6 +11,8 @@ import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.analysis import Analyzer
+from triage.auth.accounts import count_admins
+from triage.auth.ldap import LdapSettings
 from triage.config import Settings
 from triage.db import Database
 from triage.events.publisher import Publisher
@@ -20,6 +22,7 @@ from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
 from triage.serve import security
 from triage.serve.app import create_app
+from triage.serve.auth import AuthConfig
 from triage.serve.connections import ConnectionLimits, limited_protocol
 from triage.serve.descriptors import DicomDescriptorGuard, raise_open_file_limit
 from triage.serve.health import DicomProbe, HealthChecks
@@ -39,6 +42,11 @@ class TriageService:
         settings.ensure_dirs()
         self.db = Database(settings.resolved_database_url)
         self.db.migrate()
+        if count_admins(self.db) == 0:
+            log.warning(
+                "no admin account yet: nobody can sign in to the page until one is made with"
+                " `triage accounts add NAME --role admin --password-stdin`"
+            )
         self.analyzer = Analyzer.from_settings(settings)
         self.analyzer.warm_up()
         policy = load_policy(settings.policy_file)
@@ -82,6 +90,11 @@ class TriageService:
             lease_seconds=settings.claim_lease_seconds,
             health_check=self.health,
             allowed_hosts=hosts,
+            auth=AuthConfig(
+                session_idle=timedelta(minutes=settings.session_idle_minutes),
+                session_max_age=timedelta(hours=settings.session_max_hours),
+                ldap=LdapSettings.from_settings(settings),
+            ),
         )
         self.publisher = Publisher(
             self.db,
@@ -103,6 +116,7 @@ class TriageService:
                     backoff_seconds=settings.webhook_backoff_seconds,
                     max_backoff_seconds=settings.webhook_backoff_max_seconds,
                     timeout_seconds=settings.webhook_timeout_seconds,
+                    patient_identifiers=settings.webhook_patient_identifiers,
                 ),
             )
         # Read by the SSE route (/api/events): poll and keep-alive intervals, FHIR options,

@@ -1,0 +1,213 @@
+"""Who is asking, and may they: the principal of each request and the check per route.
+
+A request is signed in by a bearer token (``Authorization: Bearer trg_…``, for the API and
+integrations; ``triage.auth.tokens``) or by the page's session cookie
+(``triage.auth.sessions``). A token that is presented is the only credential looked at:
+a wrong one is 401 even if a cookie is there too. A state-changing request signed in by
+the cookie must carry the session's CSRF token in ``X-CSRF-Token`` (a page on another site
+can make the browser send the cookie, but cannot read the token).
+
+Each route declares the one permission it needs with :func:`require`; the permission is
+also written into the OpenAPI document (``x-permission``), so the access tests can be
+generated from it. No credentials: 401. The wrong role: 403.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+
+from triage.audit.chain import AuditEvent, Outcome, append
+from triage.auth.accounts import Account
+from triage.auth.ldap import LdapSettings
+from triage.auth.roles import Permission
+from triage.auth.sessions import IDLE, MAX_AGE, Session, resolve_session
+from triage.auth.tokens import resolve_token
+from triage.db import Database
+
+SESSION_COOKIE = "triage_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SIGNED_IN = "signed_in"
+"""The ``x-permission`` of routes any signed-in account may use (who am I, sign out)."""
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="token",
+    description="An API token (`triage tokens create USER --name NAME`): trg_…",
+)
+cookie_scheme = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,
+    scheme_name="session",
+    description="The page's session cookie, set by POST /api/auth/login; state-changing"
+    f" requests also need the session's CSRF token in {CSRF_HEADER}.",
+)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """How sign-in works on this server."""
+
+    session_idle: timedelta = IDLE
+    session_max_age: timedelta = MAX_AGE
+    ldap: LdapSettings | None = None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The signed-in account of a request, and how it signed in."""
+
+    account: Account
+    session: Session | None = None
+    address: str | None = None
+    permissions: frozenset[Permission] = field(default_factory=frozenset)
+
+    @property
+    def username(self) -> str:
+        return self.account.username
+
+    def may(self, permission: Permission) -> bool:
+        return permission in self.permissions
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _principal(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None,
+    session_value: str | None,
+) -> Principal:
+    """The request's principal; raises 401 when it has none, 403 for a missing CSRF token."""
+    cached: Principal | None = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    db: Database = request.app.state.db
+    config: AuthConfig = request.app.state.auth
+    address = client_address(request)
+    if request.headers.get("authorization") is not None:
+        if credentials is None:
+            raise _unauthorized("the Authorization header must be 'Bearer <token>'")
+        account = resolve_token(db, credentials.credentials)
+        if account is None:
+            raise _unauthorized("the token is unknown, revoked or expired, or its account disabled")
+        principal = Principal(account, None, address, account.permissions)
+    elif session_value:
+        found = resolve_session(db, session_value, idle=config.session_idle)
+        if found is None:
+            raise _unauthorized("the session has ended: sign in again")
+        account, session = found
+        if request.method not in SAFE_METHODS and not secrets.compare_digest(
+            request.headers.get(CSRF_HEADER, "").encode(), session.csrf_token.encode()
+        ):
+            raise HTTPException(
+                status_code=403,
+                detail=f"a request signed in by the page's session needs its {CSRF_HEADER}",
+            )
+        principal = Principal(account, session, address, account.permissions)
+    else:
+        raise _unauthorized("sign in first: a bearer token or the page's session")
+    request.state.principal = principal
+    return principal
+
+
+def require(permission: Permission | None) -> Callable[..., Any]:
+    """A dependency that returns the request's :class:`Principal` when it holds
+    ``permission`` (None: any signed-in account), else raises 401 or 403."""
+
+    def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+        session_value: Annotated[str | None, Depends(cookie_scheme)],
+    ) -> Principal:
+        principal = _principal(request, credentials, session_value)
+        if permission is not None and not principal.may(permission):
+            raise HTTPException(
+                status_code=403,
+                detail=f"the {principal.account.role} role may not do this ({permission})",
+            )
+        return principal
+
+    dependency.permission = permission or SIGNED_IN  # type: ignore[attr-defined]
+    return dependency
+
+
+def document_permissions(app: FastAPI) -> None:
+    """Write each route's permission into the OpenAPI document as ``x-permission``
+    (``public`` for routes without one), routers included."""
+
+    def walk(routes: list[Any]) -> None:
+        for route in routes:
+            included = getattr(route, "original_router", None)  # an included APIRouter
+            if included is not None:
+                walk(included.routes)
+                continue
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            found = [
+                getattr(dep.call, "permission", None)
+                for dep in route.dependant.dependencies
+                if getattr(dep.call, "permission", None) is not None
+            ]
+            route.openapi_extra = {
+                **(route.openapi_extra or {}),
+                "x-permission": found[0] if found else "public",
+            }
+
+    walk(app.routes)
+
+
+def audit(
+    request: Request,
+    action: str,
+    *,
+    principal: Principal | None = None,
+    actor: str | None = None,
+    outcome: Outcome = Outcome.success,
+    target_kind: str | None = None,
+    target: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> int:
+    """Append one audit record of this request (who, from where, what); returns its id."""
+    db: Database = request.app.state.db
+    return append(
+        db,
+        AuditEvent(
+            action=action,
+            outcome=outcome,
+            actor=principal.username if principal else actor,
+            actor_role=principal.account.role.value if principal else None,
+            target_kind=target_kind,
+            target=target,
+            source_address=client_address(request),
+            detail=dict(detail or {}),
+        ),
+    )
+
+
+async def audit_async(request: Request, action: str, **kwargs: Any) -> int:
+    return await run_in_threadpool(lambda: audit(request, action, **kwargs))
+
+
+SignedIn = Annotated[Principal, Depends(require(None))]
+ViewPatients = Annotated[Principal, Depends(require(Permission.view_patients))]
+Claim = Annotated[Principal, Depends(require(Permission.claim))]
+ViewEvents = Annotated[Principal, Depends(require(Permission.view_events))]
+ViewQuarantine = Annotated[Principal, Depends(require(Permission.view_quarantine))]
+Ingest = Annotated[Principal, Depends(require(Permission.ingest))]
+ManageAccounts = Annotated[Principal, Depends(require(Permission.manage_accounts))]
+ReadAudit = Annotated[Principal, Depends(require(Permission.read_audit))]
