@@ -190,6 +190,7 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*; ports
     TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT)."""
     _setup_logging(verbose)
+    from triage.auth.ldap import LdapConfigError
     from triage.models.spec import SpecError
     from triage.serve.server import TriageService
 
@@ -200,6 +201,8 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     except SpecError as exc:
         console.print(f"[red]model configuration:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except LdapConfigError as exc:
+        _fail(f"directory sign-in: {exc}")
     where = (
         f"DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
         f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}"
@@ -562,6 +565,7 @@ def demo(
     """Start the server, send demo studies over DICOM, wait for the AI, show the worklist.
     Exits 1 when the AI could analyse none of them (the reason is printed)."""
     _setup_logging(verbose)
+    from triage.auth.ldap import LdapConfigError
     from triage.demo.run import DemoError, run_demo
     from triage.models.spec import SpecError
 
@@ -573,6 +577,8 @@ def demo(
         )
     except SpecError as exc:
         _fail(f"model configuration: {exc}")
+    except LdapConfigError as exc:
+        _fail(f"directory sign-in: {exc}")
     except DemoError as exc:
         _fail(str(exc), 1)
 

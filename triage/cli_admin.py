@@ -15,7 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.table import Table
 
-from triage.auth.roles import Role
+from triage.auth.roles import Permission, Role
 
 accounts_app = typer.Typer(help="Accounts that sign in: radiologists, admins, integrations.")
 tokens_app = typer.Typer(help="Bearer tokens for the API and integrations.")
@@ -148,7 +148,14 @@ def accounts_list(
 
 
 def _change(data_dir: str | None, action: str, username: str, **detail: object) -> None:
-    from triage.auth.accounts import AccountError, set_disabled, set_password, set_role
+    from triage.auth.accounts import (
+        AccountError,
+        set_disabled,
+        set_grants,
+        set_password,
+        set_role,
+    )
+    from triage.auth.sessions import end_sessions_of
 
     db = _db(data_dir)
     try:
@@ -158,6 +165,9 @@ def _change(data_dir: str | None, action: str, username: str, **detail: object) 
             set_disabled(db, username, action == "account_disable")
         elif action == "account_password":
             set_password(db, username, str(detail.pop("password")))
+            detail["sessions_ended"] = end_sessions_of(db, username)
+        elif action == "account_grants":
+            set_grants(db, username, list(detail["grants"]))  # type: ignore[call-overload]
     except AccountError as exc:
         _fail(str(exc))
     _audit(db, action, "account", username, **detail)
@@ -190,6 +200,20 @@ def accounts_set_password(
 ) -> None:
     """Set a local account's password (and lift a lockout)."""
     _change(data_dir, "account_password", username, password=_read_password(password_stdin))
+
+
+@accounts_app.command("grant")
+def accounts_grant(
+    username: str,
+    permissions: Annotated[
+        list[Permission] | None,
+        typer.Argument(help="Permissions beyond the role's; none: take every grant away."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Grant an account permissions beyond its role's (replacing earlier grants), e.g. an
+    integration that may read patient names: ``triage accounts grant ris view_patients``."""
+    _change(data_dir, "account_grants", username, grants=sorted(p.value for p in permissions or []))
 
 
 @tokens_app.command("create")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -14,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from triage.config import Settings
+from triage.db import Database
 
 
 @functools.cache
@@ -181,6 +183,37 @@ def demo_problem(doc: dict[str, Any], timeout_s: float) -> str | None:
     return f"the AI analysed none of the {len(items)} demo studies: {why}"
 
 
+DEMO_USER = "demo"
+
+
+def demo_account(db: Database) -> str:
+    """The demo's admin account ``demo`` with a new random password (returned, to print):
+    made at the first run, its password replaced at each later one (recorded in the audit
+    trail either way)."""
+    from triage.audit.chain import AuditEvent, append
+    from triage.auth.accounts import create_account, get_account, set_password
+    from triage.auth.roles import Role
+
+    password = secrets.token_urlsafe(12)
+    if get_account(db, DEMO_USER) is None:
+        create_account(db, DEMO_USER, Role.admin, password=password, display_name="Demo reader")
+        action = "account_create"
+    else:
+        set_password(db, DEMO_USER, password)
+        action = "account_password"
+    append(
+        db,
+        AuditEvent(
+            action=action,
+            actor="triage-demo",
+            target_kind="account",
+            target=DEMO_USER,
+            source_address="local",
+        ),
+    )
+    return password
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -199,6 +232,7 @@ def run_demo(
     from triage.worklist.service import worklist
 
     service = TriageService(settings)
+    password = demo_account(service.db)
     service.start_background()
     service.start_http_thread()
     url = f"http://{settings.http_host}:{settings.http_port}/"
@@ -207,6 +241,8 @@ def run_demo(
         f"{settings.dicom_host}:{settings.dicom_port}",
         highlight=False,
     )
+    sign_in = f"Sign in as [bold]{DEMO_USER}[/] with the password [bold]{password}[/]"
+    console.print(f"{sign_in} (an admin account, its password new at each run).", highlight=False)
     try:
         studies = make_demo_studies(settings.data_dir / "demo-studies")
         host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "") else settings.dicom_host
@@ -230,7 +266,10 @@ def run_demo(
         if problem is not None:
             raise DemoError(problem)
         if keep_serving:
-            console.print(f"Open {url} to see the worklist. Ctrl-C stops.", highlight=False)
+            console.print(
+                f"Open {url} to see the worklist. {sign_in}. Ctrl-C stops.",
+                highlight=False,
+            )
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

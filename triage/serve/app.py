@@ -52,7 +52,7 @@ from triage.worklist import queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-STATIC_SCRIPTS = frozenset({"login.js"})
+STATIC_SCRIPTS = frozenset({"login.js", "admin.js"})
 
 
 def get_db(request: Request) -> Database:
@@ -421,14 +421,24 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.get("/", include_in_schema=False)
-    def index(request: Request) -> Response:
-        """The page; a browser without a live session is sent to the sign-in page."""
+    def signed_in_page(request: Request, name: str) -> Response:
+        """A page of this server; a browser without a live session goes to sign-in. (The
+        pages hold no patient data themselves: they fetch it through the API, which
+        checks each call.)"""
         value = request.cookies.get(SESSION_COOKIE)
         config: AuthConfig = request.app.state.auth
         if not value or resolve_session(db, value, idle=config.session_idle) is None:
             return RedirectResponse("/login", status_code=303)
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+        return FileResponse(STATIC_DIR / name, media_type="text/html")
+
+    @app.get("/", include_in_schema=False)
+    def index(request: Request) -> Response:
+        return signed_in_page(request, "index.html")
+
+    @app.get("/admin", include_in_schema=False)
+    def admin_page(request: Request) -> Response:
+        """Accounts, tokens and the audit trail (the sections the account may use)."""
+        return signed_in_page(request, "admin.html")
 
     @app.get("/login", include_in_schema=False)
     def login_page() -> FileResponse:

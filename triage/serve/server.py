@@ -36,6 +36,8 @@ class TriageService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First: a directory misconfiguration stops the start before anything is loaded.
+        self.ldap = LdapSettings.from_settings(settings)
         limits = raise_open_file_limit()
         if limits is not None and limits[1] > limits[0]:
             log.info("open-file limit raised from %d to %d", *limits)
@@ -93,7 +95,7 @@ class TriageService:
             auth=AuthConfig(
                 session_idle=timedelta(minutes=settings.session_idle_minutes),
                 session_max_age=timedelta(hours=settings.session_max_hours),
-                ldap=LdapSettings.from_settings(settings),
+                ldap=self.ldap,
             ),
         )
         self.publisher = Publisher(
