@@ -46,8 +46,9 @@ class TriageService:
         self.db.migrate()
         if count_admins(self.db) == 0:
             log.warning(
-                "no admin account yet: nobody can sign in to the page until one is made with"
-                " `triage accounts add NAME --role admin --password-stdin`"
+                "no enabled admin account: accounts and tokens can be managed only with the"
+                " CLI until one is made (`triage accounts add NAME --role admin"
+                " --password-stdin`)"
             )
         self.analyzer = Analyzer.from_settings(settings)
         self.analyzer.warm_up()
