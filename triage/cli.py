@@ -191,6 +191,7 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT)."""
     _setup_logging(verbose)
     from triage.auth.ldap import LdapConfigError
+    from triage.auth.oidc import OidcConfigError
     from triage.models.spec import SpecError
     from triage.serve.server import TriageService
 
@@ -201,8 +202,8 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     except SpecError as exc:
         console.print(f"[red]model configuration:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
-    except LdapConfigError as exc:
-        _fail(f"directory sign-in: {exc}")
+    except (LdapConfigError, OidcConfigError) as exc:
+        _fail(f"sign-in settings: {exc}")
     where = (
         f"DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
         f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}"
@@ -566,6 +567,7 @@ def demo(
     Exits 1 when the AI could analyse none of them (the reason is printed)."""
     _setup_logging(verbose)
     from triage.auth.ldap import LdapConfigError
+    from triage.auth.oidc import OidcConfigError
     from triage.demo.run import DemoError, run_demo
     from triage.models.spec import SpecError
 
@@ -577,8 +579,8 @@ def demo(
         )
     except SpecError as exc:
         _fail(f"model configuration: {exc}")
-    except LdapConfigError as exc:
-        _fail(f"directory sign-in: {exc}")
+    except (LdapConfigError, OidcConfigError) as exc:
+        _fail(f"sign-in settings: {exc}")
     except DemoError as exc:
         _fail(str(exc), 1)
 

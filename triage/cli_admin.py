@@ -155,7 +155,6 @@ def _change(data_dir: str | None, action: str, username: str, **detail: object) 
         set_password,
         set_role,
     )
-    from triage.auth.sessions import end_sessions_of
 
     db = _db(data_dir)
     try:
@@ -164,8 +163,7 @@ def _change(data_dir: str | None, action: str, username: str, **detail: object) 
         elif action in ("account_disable", "account_enable"):
             set_disabled(db, username, action == "account_disable")
         elif action == "account_password":
-            set_password(db, username, str(detail.pop("password")))
-            detail["sessions_ended"] = end_sessions_of(db, username)
+            set_password(db, username, str(detail.pop("password")))  # ends its sessions
         elif action == "account_grants":
             set_grants(db, username, list(detail["grants"]))  # type: ignore[call-overload]
     except AccountError as exc:

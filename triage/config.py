@@ -320,6 +320,43 @@ class Settings(BaseSettings):
         " this many seconds (the sign-in is then refused as directory unavailable).",
     )
 
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="The OpenID Connect provider (its issuer URL, https://); None: no single"
+        " sign-on. Needs oidc_client_id and oidc_group_roles.",
+    )
+    oidc_client_id: str | None = Field(default=None, description="This server's client id.")
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="The client secret (client_secret_basic); None: public client."
+    )
+    oidc_scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "profile", "email"],
+        description="Scopes asked for (JSON list); add the one that carries groups if the"
+        " provider needs it.",
+    )
+    oidc_username_claim: str = Field(
+        default="preferred_username", description="The claim that is the username."
+    )
+    oidc_groups_claim: str = Field(default="groups", description="The claim listing groups.")
+    oidc_group_roles: dict[str, Literal["admin", "radiologist", "integration"]] = Field(
+        default_factory=dict,
+        description='Group -> role, {"radiologists": "radiologist"} (JSON); the highest'
+        " wins; a user in none of them cannot sign in.",
+    )
+    oidc_display_name: str = Field(
+        default="single sign-on", description="The provider's name on the sign-in button."
+    )
+    oidc_redirect_url: str | None = Field(
+        default=None,
+        description="The redirect URI registered at the provider; None: this server's"
+        " /api/auth/oidc/callback as the browser reaches it.",
+    )
+    oidc_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle for the provider's certificate."
+    )
+    oidc_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="Each request to the provider times out after this."
+    )
     session_idle_minutes: float = Field(
         default=60.0,
         gt=0,

@@ -14,6 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
+from tests.signin import auth_headers
+from triage.auth.roles import Role
 from triage.db import Database
 from triage.events.outbox import MAX_EVENT_ID
 from triage.serve.app import create_app
@@ -39,29 +41,41 @@ def events_url(db: Database) -> Iterator[str]:
         thread.join(10)
 
 
+@pytest.fixture()
+def signed_in(db: Database) -> dict[str, str]:
+    """A token of an integration account (it may follow the event stream)."""
+    return auth_headers(db, "event-feed", Role.integration)
+
+
 @pytest.mark.parametrize(
     "header",
     [str(2**63), str(2**64), "9" * 40, "-1", "+5", "1e3", "12.0", "٣".encode(), "0x10", "5 6"],
 )
-def test_bad_last_event_id_is_a_400(events_url: str, header: str | bytes) -> None:
-    res = httpx.get(events_url, headers={"Last-Event-ID": header}, timeout=10)
+def test_bad_last_event_id_is_a_400(
+    events_url: str, signed_in: dict[str, str], header: str | bytes
+) -> None:
+    res = httpx.get(events_url, headers={**signed_in, "Last-Event-ID": header}, timeout=10)
     assert res.status_code == 400
     assert res.json()["detail"] == f"Last-Event-ID must be an event id (0 to {MAX_EVENT_ID})"
 
 
 @pytest.mark.parametrize("after", [str(2**63), str(2**64), "-1"])
-def test_bad_after_is_a_422_naming_the_parameter(events_url: str, after: str) -> None:
-    res = httpx.get(events_url, params={"after": after}, timeout=10)
+def test_bad_after_is_a_422_naming_the_parameter(
+    events_url: str, signed_in: dict[str, str], after: str
+) -> None:
+    res = httpx.get(events_url, params={"after": after}, headers=signed_in, timeout=10)
     assert res.status_code == 422
     (error,) = res.json()["detail"]
     assert error["loc"] == ["query", "after"]
 
 
 @pytest.mark.parametrize("where", ["header", "query"])
-def test_the_largest_id_opens_a_stream_that_stays_open(events_url: str, where: str) -> None:
+def test_the_largest_id_opens_a_stream_that_stays_open(
+    events_url: str, signed_in: dict[str, str], where: str
+) -> None:
     """2^63 - 1 is a valid start: the stream reads the outbox and keeps going (it used to
     end at the first read for ids one above)."""
-    headers = {"Last-Event-ID": str(MAX_EVENT_ID)} if where == "header" else {}
+    headers = {**signed_in, **({"Last-Event-ID": str(MAX_EVENT_ID)} if where == "header" else {})}
     params = {"after": str(MAX_EVENT_ID)} if where == "query" else {}
     with httpx.stream("GET", events_url, headers=headers, params=params, timeout=10) as res:
         assert res.status_code == 200

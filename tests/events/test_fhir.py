@@ -7,9 +7,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from tests.signin import auth_headers
 from tests.studies import add_study
+from triage.auth.roles import Role
 from triage.db import Database
+from triage.db.tables import StudyRow
 from triage.events.fhir import (
     AI_FINDING_EXTENSION,
     REQUEST_PRIORITIES,
@@ -162,13 +166,31 @@ def test_completed() -> None:
 def test_fhir_task_route(db: Database) -> None:
     add_study(db, "1.1", 6)
     add_study(db, "1.2", 5, priority="STAT")
+    with db.session() as s:
+        s.execute(
+            update(StudyRow)
+            .where(StudyRow.StudyInstanceUID == "1.2")
+            .values(AccessionNumber="ACC-12")
+        )
     client = TestClient(create_app(db))
+    client.headers.update(auth_headers(db, "reader", Role.radiologist))
     res = client.get("/api/studies/1.2/fhir-task")
     assert res.status_code == 200
     assert res.headers["content-type"].startswith("application/fhir+json")
     task = res.json()
     assert task["status"] == "requested" and task["priority"] == "stat"
     assert "rank 1" in task["businessStatus"]["text"]
+    values = [i["value"] for i in task["identifier"]]
+    assert values == ["urn:oid:1.2", "ACC-12"]  # a radiologist sees the accession number
+    # An integration account (no view_patients) gets the same Task without it.
+    integration = auth_headers(db, "ris", Role.integration)
+    stripped = client.get("/api/studies/1.2/fhir-task", headers=integration)
+    assert stripped.status_code == 200
+    assert [i["value"] for i in stripped.json()["identifier"]] == ["urn:oid:1.2"]
+    varying = {"identifier", "lastModified"}  # lastModified: the time of the request
+    assert {k: v for k, v in stripped.json().items() if k not in varying} == {
+        k: v for k, v in task.items() if k not in varying
+    }
     queue.claim(db, "1.1", "alice")
     task = client.get("/api/studies/1.1/fhir-task").json()
     assert task["status"] == "in-progress" and task["owner"] == {"display": "alice"}

@@ -16,9 +16,12 @@ import pytest
 import uvicorn
 
 from tests.conftest import pydicom_file, run_cli, running_server
+from tests.signin import auth_headers
+from triage.auth.roles import Role
 from triage.db import Database
 from triage.events import outbox
 from triage.serve.app import create_app
+from triage.serve.auth import SESSION_COOKIE
 from triage.serve.launcher import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -108,11 +111,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield srv
 
 
+def headers_of(server: ServerProcess, username: str, role: Role) -> dict[str, str]:
+    """``Authorization`` with a new token of ``username`` in the server's database."""
+    db = Database(server.database_url)
+    try:
+        return auth_headers(db, username, role)
+    finally:
+        db.dispose()
+
+
 def test_live_events_and_resume(server: ServerProcess, tmp_path: Path) -> None:
     ct = pydicom_file("CT_small.dcm")
     uid = str(pydicom.dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
     url = server.http_url + "/api/events"
-    with SSEClient(url) as stream:
+    alice = headers_of(server, "alice", Role.radiologist)
+    with SSEClient(url, server.headers) as stream:
         assert stream.status == 200 and stream.content_type.startswith("text/event-stream")
         # A study arrives (imported by another process on the same data directory).
         done = run_cli(["import", str(ct)], server.data_dir)
@@ -124,9 +137,9 @@ def test_live_events_and_resume(server: ServerProcess, tmp_path: Path) -> None:
         assert task["data"]["StudyInstanceUID"] == uid
         assert task["data"]["payload"]["status"] == "requested"
 
-        # A reader claims it over the API.
-        res = httpx.post(f"{server.http_url}/api/studies/{uid}/claim", json={"reader": "alice"})
-        assert res.status_code == 200
+        # A reader claims it over the API (the reader is the signed-in account).
+        res = httpx.post(f"{server.http_url}/api/studies/{uid}/claim", json={}, headers=alice)
+        assert res.status_code == 200 and res.json()["reader"] == "alice"
         claimed = stream.next(lambda e: (change_of(e, uid) or {}).get("read_state") == "claimed")
         assert change_of(claimed, uid)["claimed_by"] == "alice"  # type: ignore[index]
         task = stream.next(lambda e: e["event"] == "task")
@@ -142,7 +155,7 @@ def test_live_events_and_resume(server: ServerProcess, tmp_path: Path) -> None:
         live_ids = [e["id"] for e in stream.seen if added["id"] < e["id"] <= last_task["id"]]
 
     # Resuming after the "added" event gives only the later events, in order.
-    headers = {"Last-Event-ID": str(added["id"])}
+    headers = {**server.headers, "Last-Event-ID": str(added["id"])}
     with SSEClient(url, headers) as resumed:
         first = resumed.next()
         assert first["id"] > added["id"]
@@ -152,24 +165,27 @@ def test_live_events_and_resume(server: ServerProcess, tmp_path: Path) -> None:
         again = next(e for e in resumed.seen if e["id"] == claimed["id"])
         assert change_of(again, uid)["read_state"] == "claimed"  # type: ignore[index]
     # ?after= does the same, and ?kinds= keeps only the kinds asked for.
-    with SSEClient(f"{url}?after={added['id']}&kinds=task") as tasks:
+    with SSEClient(f"{url}?after={added['id']}&kinds=task", server.headers) as tasks:
         only = tasks.next()
         assert only["event"] == "task" and only["id"] > added["id"]
 
-    fhir = httpx.get(f"{server.http_url}/api/studies/{uid}/fhir-task")
+    fhir = httpx.get(f"{server.http_url}/api/studies/{uid}/fhir-task", headers=alice)
     assert fhir.status_code == 200 and fhir.json()["status"] == "in-progress"
-    assert httpx.get(f"{server.http_url}/api/studies/9.9.9/fhir-task").status_code == 404
+    missing = httpx.get(f"{server.http_url}/api/studies/9.9.9/fhir-task", headers=alice)
+    assert missing.status_code == 404
 
 
 def test_bad_requests_are_refused(server: ServerProcess) -> None:
     url = server.http_url + "/api/events"
-    assert httpx.get(url, params={"kinds": "nonsense"}).status_code == 400
-    assert httpx.get(url, headers={"Last-Event-ID": "abc"}).status_code == 400
-    assert httpx.get(url, params={"after": "-1"}).status_code == 422
+    signed_in = server.headers
+    assert httpx.get(url, params={"kinds": "nonsense"}, headers=signed_in).status_code == 400
+    assert httpx.get(url, headers={**signed_in, "Last-Event-ID": "abc"}).status_code == 400
+    assert httpx.get(url, params={"after": "-1"}, headers=signed_in).status_code == 422
 
 
 def test_the_page_follows_the_event_stream(server: ServerProcess) -> None:
-    page = httpx.get(server.http_url + "/").text
+    cookie = {SESSION_COOKIE: server.session_cookie()}  # the page is served signed in
+    page = httpx.get(server.http_url + "/", cookies=cookie).text
     assert "new EventSource(" in page and "critical_finding" in page
     assert "setInterval(refresh, 2000)" in page  # polling stays as the fallback
 
@@ -194,7 +210,9 @@ def test_a_closed_stream_stops_polling(db: Database, monkeypatch: pytest.MonkeyP
         deadline = time.monotonic() + 10
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
-        with httpx.stream("GET", f"http://127.0.0.1:{port}/api/events", timeout=5) as res:
+        with httpx.stream(
+            "GET", f"http://127.0.0.1:{port}/api/events", headers=auth_headers(db), timeout=5
+        ) as res:
             assert res.status_code == 200
             lines = res.iter_lines()  # kept: a dropped iterator closes the connection
             assert next(lines) == "retry: 2000"

@@ -119,6 +119,27 @@ def test_delivered_after_two_failures_with_signature(db: Database, alert: int) -
     assert set(doc) == {"id", "kind", "created_at", "StudyInstanceUID", "payload"}
     assert doc["id"] == alert and doc["kind"] == "critical_finding"
     assert doc["StudyInstanceUID"] == "1.2.3.4" and doc["payload"]["finding"] == "ich"
+    # No accession number unless the webhook is configured to carry patient identifiers.
+    assert doc["payload"] == {"StudyInstanceUID": "1.2.3.4", "finding": "ich"}
+    assert all(b"ACC-9" not in req["body"] for req in receiver.requests)
+
+
+def test_accession_numbers_only_when_configured(db: Database, alert: int) -> None:
+    """``patient_identifiers=True`` (TRIAGE_WEBHOOK_PATIENT_IDENTIFIERS) sends the
+    accession number; the signature covers the body as sent."""
+    config = WebhookConfig(url="", secret=SECRET, patient_identifiers=True)
+    with Receiver([200]) as receiver:
+        sender = WebhookSender(db, WebhookConfig(**{**config.__dict__, "url": receiver.url}))
+        assert sender.deliver_due() == 1
+        sender.stop()
+    (req,) = receiver.requests
+    assert req["headers"]["X-Triage-Signature"] == signature(SECRET, req["body"])
+    doc = json.loads(req["body"])
+    assert doc["payload"] == {
+        "StudyInstanceUID": "1.2.3.4",
+        "AccessionNumber": "ACC-9",
+        "finding": "ich",
+    }
 
 
 def test_gives_up_after_max_attempts_without_logging_patient_data(

@@ -280,7 +280,8 @@ def test_stow_rs_of_the_corpus(server: ServerProcess, corpus_dir: Path) -> None:
             f"{server.http_url}/dicomweb/studies",
             content=body,
             headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+                **server.headers,
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             },
             timeout=120,
         )

@@ -39,6 +39,8 @@ from tests.ingest.malformed import (
     split,
     with_elements,
 )
+from tests.signin import auth_headers
+from triage.auth.roles import Role
 from triage.config import Settings
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow
@@ -344,12 +346,14 @@ def test_stow_rs_of_malformed_input_and_bombs(
 ) -> None:
     cases = families() | bombs
     client = TestClient(create_app(ingestor.db, ingestor=ingestor, max_upload_bytes=64 * MiB))
+    pacs = auth_headers(ingestor.db, "pacs", Role.integration)  # STOW-RS needs ingest
     with peak_growth() as growth:
         resp = client.post(
             "/dicomweb/studies",
             content=multipart([data for data, _ in cases.values()]),
             headers={
-                "Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}"
+                **pacs,
+                "Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}",
             },
         )
     assert resp.status_code == 409, resp.text

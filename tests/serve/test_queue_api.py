@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.signin import auth_headers
 from tests.worklist.test_queue import add_study
+from triage.auth.roles import Role
 from triage.db import Database
 from triage.serve.app import create_app
 from triage.worklist.priority import load_policy
@@ -19,29 +21,41 @@ def test_queue_over_http(db: Database) -> None:
     add_study(db, "1.2", 1, priority="STAT")
     add_study(db, "1.3", 2, modality="CR", body_part="CHEST")
     client = TestClient(create_app(db))
-    items = client.get("/api/worklist").json()["items"]
+    # The reader is the signed-in account: one token per reader.
+    alice = auth_headers(db, "alice", Role.radiologist)
+    bob = auth_headers(db, "bob", Role.radiologist)
+    carol = auth_headers(db, "carol", Role.radiologist)
+    items = client.get("/api/worklist", headers=alice).json()["items"]
     assert [i["StudyInstanceUID"] for i in items] == ["1.2", "1.1", "1.3"]
     assert items[0]["priority_class"] == "stat" and items[0]["deadline"]
-    chest = client.get("/api/worklist", params={"subspecialty": "chest"}).json()["items"]
-    assert [i["StudyInstanceUID"] for i in chest] == ["1.3"]
-    ct = client.get("/api/worklist", params=[("modality", "CT")]).json()["items"]
+    chest = client.get("/api/worklist", params={"subspecialty": "chest"}, headers=alice)
+    assert [i["StudyInstanceUID"] for i in chest.json()["items"]] == ["1.3"]
+    ct = client.get("/api/worklist", params=[("modality", "CT")], headers=alice).json()["items"]
     assert {i["StudyInstanceUID"] for i in ct} == {"1.1", "1.2"}
 
-    nxt = client.post("/api/worklist/next", json={"reader": "alice"})
+    nxt = client.post("/api/worklist/next", json={}, headers=alice)
     assert nxt.status_code == 200 and nxt.json()["StudyInstanceUID"] == "1.2"
-    taken = client.post("/api/studies/1.2/claim", json={"reader": "bob"})
+    assert nxt.json()["claimed_by"] == "alice"
+    taken = client.post("/api/studies/1.2/claim", json={}, headers=bob)
     assert taken.status_code == 409 and "alice" in taken.json()["detail"]
-    assert client.post("/api/studies/1.2/renew", json={"reader": "alice"}).status_code == 200
-    assert client.post("/api/studies/1.2/complete", json={"reader": "alice"}).status_code == 200
-    assert client.post("/api/studies/1.1/claim", json={"reader": "bob"}).status_code == 200
-    assert client.post("/api/studies/1.1/release", json={"reader": "bob"}).status_code == 200
-    assert client.post("/api/studies/9.9/claim", json={"reader": "bob"}).status_code == 404
-    assert client.post("/api/studies/1.1/frobnicate", json={"reader": "bob"}).status_code == 404
-    assert client.post("/api/studies/1.1/claim", json={"reader": "a b"}).status_code == 400
-    body = {"reader": "carol", "subspecialties": ["chest"]}
-    assert client.post("/api/worklist/next", json=body).json()["StudyInstanceUID"] == "1.3"
-    assert client.post("/api/worklist/next", json=body).status_code == 204
-    items = client.get("/api/worklist").json()["items"]
+    # A reader named in the body is ignored: bob cannot act as alice.
+    posing = client.post("/api/studies/1.2/claim", json={"reader": "alice"}, headers=bob)
+    assert posing.status_code == 409 and "alice" in posing.json()["detail"]
+    assert client.post("/api/studies/1.2/complete", json={}, headers=bob).status_code == 409
+    renewed = client.post("/api/studies/1.2/renew", json={}, headers=alice)
+    assert renewed.status_code == 200 and renewed.json()["reader"] == "alice"
+    done = client.post("/api/studies/1.2/complete", json={}, headers=alice)
+    assert done.status_code == 200 and done.json()["reader"] == "alice"
+    claimed = client.post("/api/studies/1.1/claim", json={}, headers=bob)
+    assert claimed.status_code == 200 and claimed.json()["reader"] == "bob"
+    assert client.post("/api/studies/1.1/release", json={}, headers=bob).status_code == 200
+    assert client.post("/api/studies/9.9/claim", json={}, headers=bob).status_code == 404
+    assert client.post("/api/studies/1.1/frobnicate", json={}, headers=bob).status_code == 404
+    body = {"subspecialties": ["chest"]}
+    nxt = client.post("/api/worklist/next", json=body, headers=carol)
+    assert nxt.json()["StudyInstanceUID"] == "1.3" and nxt.json()["claimed_by"] == "carol"
+    assert client.post("/api/worklist/next", json=body, headers=carol).status_code == 204
+    items = client.get("/api/worklist", headers=alice).json()["items"]
     assert [(i["StudyInstanceUID"], i["read_state"]) for i in items] == [
         ("1.1", "unread"),
         ("1.3", "claimed"),

@@ -13,8 +13,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.signin import auth_headers
+from triage.auth.accounts import create_account
+from triage.auth.roles import Role
 from triage.db import Database
 from triage.serve.app import create_app
+from triage.serve.auth import SESSION_COOKIE
 from triage.serve.docs import ASSET_FILES, assets_dir
 from triage.serve.security import allowed_hosts, html_csp, inline_script_hashes
 
@@ -22,7 +26,7 @@ from triage.serve.security import allowed_hosts, html_csp, inline_script_hashes
 @pytest.fixture()
 def client(db: Database) -> Iterator[TestClient]:
     app = create_app(db, allowed_hosts=allowed_hosts([], "127.0.0.1"))
-    with TestClient(app, base_url="http://localhost:8000") as c:
+    with TestClient(app, base_url="http://localhost:8000", headers=auth_headers(db)) as c:
         yield c
 
 
@@ -108,7 +112,7 @@ def test_no_host_check_when_not_configured(db: Database) -> None:
 
 def test_star_turns_the_host_check_off(db: Database) -> None:
     app = create_app(db, allowed_hosts=allowed_hosts(["*"], "127.0.0.1"))
-    with TestClient(app) as c:
+    with TestClient(app, headers=auth_headers(db)) as c:
         assert c.get("/api/worklist", headers={"Host": "any.example"}).status_code == 200
 
 
@@ -130,8 +134,15 @@ def test_api_responses_allow_nothing_to_run(client: TestClient) -> None:
     assert csp["default-src"] == ["'none'"]
 
 
-def test_page_csp_allows_exactly_its_inline_scripts(client: TestClient) -> None:
-    resp = client.get("/")
+def test_page_csp_allows_exactly_its_inline_scripts(client: TestClient, db: Database) -> None:
+    # The page is served to a signed-in browser (its session cookie); others go to /login.
+    create_account(db, "page-reader", Role.radiologist, password="page-reader-password-1")
+    login = client.post(
+        "/api/auth/login",
+        json={"username": "page-reader", "password": "page-reader-password-1"},
+    )
+    assert login.status_code == 200, login.text
+    resp = client.get("/", follow_redirects=False)
     assert resp.status_code == 200
     csp = directives(resp.headers["content-security-policy"])
     page_hashes = sha256_sources(resp.text)
@@ -187,11 +198,17 @@ def test_running_server_refuses_other_hosts_and_sends_headers(tmp_path: Path) ->
 
     with running_server(tmp_path / "data", {"TRIAGE_SERIES_QUIET_SECONDS": "60"}) as srv:
         url = f"{srv.http_url}/api/worklist"
-        assert httpx.get(url, timeout=10).status_code == 200
-        assert httpx.get(url, headers={"Host": f"localhost:{srv.http_port}"}).status_code == 200
-        evil = httpx.get(url, headers={"Host": "rebind.attacker.example"}, timeout=10)
+        assert httpx.get(url, headers=srv.headers, timeout=10).status_code == 200
+        local = {**srv.headers, "Host": f"localhost:{srv.http_port}"}
+        assert httpx.get(url, headers=local, timeout=10).status_code == 200
+        evil = httpx.get(
+            url, headers={**srv.headers, "Host": "rebind.attacker.example"}, timeout=10
+        )
         assert evil.status_code == 400
-        page = httpx.get(f"{srv.http_url}/", timeout=10)
+        page = httpx.get(
+            f"{srv.http_url}/", cookies={SESSION_COOKIE: srv.session_cookie()}, timeout=10
+        )
+        assert page.status_code == 200
         assert page.headers["x-frame-options"] == "DENY"
         assert directives(page.headers["content-security-policy"])["frame-ancestors"] == ["'none'"]
         docs = httpx.get(f"{srv.http_url}/docs", timeout=10)

@@ -17,6 +17,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from tests.conftest import pydicom_file, running_server
+from tests.signin import auth_headers
+from triage.auth.roles import Role
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow
 from triage.ingest.store import Ingestor, StoreStatus, quarantine_listing
@@ -107,7 +109,8 @@ def make_stow(tmp_path: Path, *, max_upload_bytes: int = 64 * 1024**2, **opts: A
         **{"min_free_bytes": 0, **opts},
     )
     app = create_app(db, ingestor=ingestor, max_upload_bytes=max_upload_bytes)
-    return Stow(db, TestClient(app))
+    # STOW-RS needs the ingest permission: a PACS's integration account signs in by token.
+    return Stow(db, TestClient(app, headers=auth_headers(db, "pacs", Role.integration)))
 
 
 @pytest.fixture()
@@ -497,12 +500,12 @@ def test_stow_to_the_real_server_lists_the_study(tmp_path: Path, ct: bytes, cr: 
         resp = httpx.post(
             f"{srv.http_url}/dicomweb/studies",
             content=multipart_body([ct, cr]),
-            headers={"Content-Type": MULTIPART},
+            headers={**srv.headers, "Content-Type": MULTIPART},
             timeout=60,
         )
         assert resp.status_code == 200, f"{resp.text}\n{srv.log()[-4000:]}"
         assert len(items(resp.json(), REFERENCED_SOP_SEQ)) == 2
-        worklist = httpx.get(f"{srv.http_url}/api/worklist", timeout=10).json()
+        worklist = httpx.get(f"{srv.http_url}/api/worklist", headers=srv.headers, timeout=10).json()
         listed = {item["StudyInstanceUID"] for item in worklist["items"]}
         expected = {str(header(ct).StudyInstanceUID), str(header(cr).StudyInstanceUID)}
         assert listed == expected

@@ -183,6 +183,10 @@ def verify(db: Database) -> Verification:
     return Verification(True, checked)
 
 
+def _as_utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def listing(
     db: Database,
     *,
@@ -201,10 +205,12 @@ def listing(
         stmt = stmt.where(AuditRow.action == action)
     if target is not None:
         stmt = stmt.where(AuditRow.target == target)
+    # In UTC, as the records are kept (SQLite compares the stored text, so a time with
+    # another offset would be hours off); a time without an offset is taken as UTC.
     if since is not None:
-        stmt = stmt.where(AuditRow.at >= since)
+        stmt = stmt.where(AuditRow.at >= _as_utc(since))
     if until is not None:
-        stmt = stmt.where(AuditRow.at < until)
+        stmt = stmt.where(AuditRow.at < _as_utc(until))
     with db.engine.connect() as conn:
         return [
             {

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from triage.auth.passwords import hash_password, needs_rehash, password_problem, verify_password
 from triage.auth.roles import Permission, Role, permissions_of
 from triage.db import Database
-from triage.db.tables import AccountRow
+from triage.db.tables import AccountRow, SessionRow
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MAX_FAILURES = 5
@@ -33,6 +33,7 @@ class AccountError(ValueError):
 class AccountSource(enum.StrEnum):
     local = "local"
     ldap = "ldap"
+    oidc = "oidc"
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,15 @@ def upsert_directory_account(
     role: Role,
     *,
     display_name: str | None,
+    source: AccountSource = AccountSource.ldap,
     now: datetime | None = None,
 ) -> Account:
-    """The account of a user the directory has just signed in (``source=ldap``, no password):
-    created the first time, its role and display name the directory's each time, its last
-    sign-in ``now`` unless it is disabled. The last-admin rule does not apply (the directory
-    decides). Raises :class:`AccountError` when another kind of account holds the name, even
-    spelled in another case: no silent takeover.
+    """The account of a user the directory (``source=ldap``) or the OpenID provider
+    (``source=oidc``) has just signed in, with no password: created the first time, its
+    role and display name the directory's each time, its last sign-in ``now`` unless it is
+    disabled. The last-admin rule does not apply (the directory decides). Raises
+    :class:`AccountError` when an account of another source holds the name, even spelled
+    in another case: no silent takeover.
     """
     problem = username_problem(username)
     if problem:
@@ -187,16 +190,16 @@ def upsert_directory_account(
                 rows = s.scalars(
                     select(AccountRow).where(func.lower(AccountRow.username) == username.lower())
                 ).all()
-                if any(r.source != AccountSource.ldap.value for r in rows):
+                if any(r.source != AccountSource(source).value for r in rows):
                     raise AccountError(
-                        f"a local account named {username!r} exists; the directory cannot"
-                        " take it over"
+                        f"an account named {username!r} of another source exists; the"
+                        f" {source} sign-in cannot take it over"
                     )
                 row = next((r for r in rows if r.username == username), None)
                 if row is None:
                     row = AccountRow(
                         username=username,
-                        source=AccountSource.ldap.value,
+                        source=AccountSource(source).value,
                         password_hash=None,
                         disabled=False,
                         created_at=now,
@@ -215,13 +218,23 @@ def upsert_directory_account(
     raise AssertionError("unreachable")
 
 
-def _change(db: Database, username: str, **values: object) -> Account:
+def _change(
+    db: Database, username: str, *, end_sessions: bool = False, **values: object
+) -> Account:
+    """Set ``values`` on the account; with ``end_sessions``, also end its open page
+    sessions in the same transaction (they do not come back when the change is undone)."""
     with db.session() as s:
         row = s.scalars(select(AccountRow).where(AccountRow.username == username)).first()
         if row is None:
             raise AccountError(f"no account named {username!r}")
         for key, value in values.items():
             setattr(row, key, value)
+        if end_sessions:
+            s.execute(
+                update(SessionRow)
+                .where(SessionRow.account_id == row.id, SessionRow.ended_at.is_(None))
+                .values(ended_at=datetime.now(UTC))
+            )
         s.flush()
         return Account.of(row)
 
@@ -239,10 +252,11 @@ def set_role(db: Database, username: str, role: Role) -> Account:
 
 
 def set_disabled(db: Database, username: str, disabled: bool) -> Account:
-    """Disable (or enable again) an account; its tokens stop working while it is disabled."""
+    """Disable (or enable again) an account: its tokens stop working while it is disabled,
+    and disabling ends its page sessions for good."""
     if disabled:
         _keep_an_admin(db, username)
-    return _change(db, username, disabled=disabled)
+    return _change(db, username, end_sessions=disabled, disabled=disabled)
 
 
 def set_password(db: Database, username: str, password: str) -> Account:
@@ -250,7 +264,12 @@ def set_password(db: Database, username: str, password: str) -> Account:
     if problem:
         raise AccountError(problem)
     return _change(
-        db, username, password_hash=hash_password(password), failed_logins=0, locked_until=None
+        db,
+        username,
+        end_sessions=True,  # whoever signed in with the old password is signed out
+        password_hash=hash_password(password),
+        failed_logins=0,
+        locked_until=None,
     )
 
 

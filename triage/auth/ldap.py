@@ -50,14 +50,13 @@ from triage.auth.accounts import (
     username_problem,
 )
 from triage.auth.passwords import MAX_LENGTH as MAX_PASSWORD_LENGTH
-from triage.auth.roles import Role
+from triage.auth.roles import Role, highest_role
 from triage.config import Settings
 from triage.db import Database
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_FILTER = "(&(objectClass=person)(uid={username}))"
-ROLE_RANK: tuple[Role, ...] = (Role.admin, Role.radiologist, Role.integration)
 """The roles from highest to lowest: a user in several mapped groups gets the first."""
 
 # Bind answers that mean "not this user with this password" (RFC 4511 4.1.9): Active
@@ -396,11 +395,8 @@ def role_of(settings: LdapSettings, groups: list[str]) -> tuple[Role | None, tup
         key = normal_dn(group)
         if key in settings.roles_by_dn:
             mapped.setdefault(key, (group, settings.roles_by_dn[key]))
-    roles = {role for _, role in mapped.values()}
-    for role in ROLE_RANK:
-        if role in roles:
-            return role, tuple(group for group, _ in mapped.values())
-    return None, ()
+    role = highest_role(role for _, role in mapped.values())
+    return (role, tuple(group for group, _ in mapped.values())) if role else (None, ())
 
 
 def authenticate(settings: LdapSettings, username: str, password: str) -> DirectoryResult:

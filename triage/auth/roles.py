@@ -10,6 +10,7 @@ patient names unless a permission is granted to it explicitly.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 
 class Role(enum.StrEnum):
@@ -42,6 +43,16 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.admin: frozenset(Permission),
     Role.integration: frozenset({Permission.ingest, Permission.view_events}),
 }
+
+
+ROLE_RANK: tuple[Role, ...] = (Role.admin, Role.radiologist, Role.integration)
+"""Highest first: a user in groups of several roles gets the highest."""
+
+
+def highest_role(roles: Iterable[Role]) -> Role | None:
+    """The highest of ``roles`` (:data:`ROLE_RANK`), None when there are none."""
+    present = set(roles)
+    return next((role for role in ROLE_RANK if role in present), None)
 
 
 def permissions_of(role: Role | str) -> frozenset[Permission]:

@@ -3,9 +3,10 @@ token, an idle timeout and an absolute lifetime.
 
 The cookie value (256 random bits) is what the browser holds; the database keeps only its
 sha256, so a copy of the database signs no one in. A session ends at sign-out, after
-``idle`` without a request, at ``expires_at`` (``max_age`` after sign-in), or as soon as its
-account is disabled. Each request sees the account as it is now (a role changed by an admin
-applies at the next request).
+``idle`` without a request, at ``expires_at`` (``max_age`` after sign-in), and when its
+account is disabled or its password changed (``triage.auth.accounts`` ends them). Each
+request sees the account as it is now (a role changed by an admin applies at the next
+request).
 """
 
 from __future__ import annotations
@@ -101,17 +102,3 @@ def end_session(db: Database, session_id: int, *, now: datetime | None = None) -
             .where(SessionRow.id == session_id, SessionRow.ended_at.is_(None))
             .values(ended_at=now or datetime.now(UTC))
         )
-
-
-def end_sessions_of(db: Database, username: str, *, now: datetime | None = None) -> int:
-    """End every open session of an account (after its password changes); how many."""
-    with db.session() as s:
-        account_id = s.scalar(select(AccountRow.id).where(AccountRow.username == username))
-        if account_id is None:
-            return 0
-        result = s.execute(
-            update(SessionRow)
-            .where(SessionRow.account_id == account_id, SessionRow.ended_at.is_(None))
-            .values(ended_at=now or datetime.now(UTC))
-        )
-        return int(getattr(result, "rowcount", 0) or 0)

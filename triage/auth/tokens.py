@@ -105,7 +105,12 @@ def list_tokens(db: Database, username: str | None = None) -> list[TokenInfo]:
         return [_info(row, user) for row, user in s.execute(stmt.order_by(ApiTokenRow.id))]
 
 
+MAX_ID = 2**31 - 1  # an INTEGER key on every backend
+
+
 def revoke_token(db: Database, token_id: int, *, now: datetime | None = None) -> TokenInfo:
+    if not 1 <= token_id <= MAX_ID:
+        raise AccountError(f"no token with id {token_id}")
     with db.session() as s:
         found = s.execute(
             select(ApiTokenRow, AccountRow.username)

@@ -227,6 +227,21 @@ class SessionRow(Base):
     source_address: Mapped[str | None] = mapped_column(String(64))
 
 
+class OidcLoginRow(Base):
+    """An OpenID Connect sign-in under way: the state's sha256 (the browser holds the state),
+    the nonce and PKCE verifier to check the provider's answer with, where to go after.
+    Used once; older than a few minutes, refused."""
+
+    __tablename__ = "oidc_logins"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    nonce: Mapped[str] = mapped_column(String(64))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    return_to: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class AuditRow(Base):
     """One audited action; ``hash`` chains it to the record before (``triage.audit``).
 

@@ -17,7 +17,6 @@ from triage.audit.chain import Outcome
 from triage.auth import accounts, tokens
 from triage.auth.accounts import AccountError
 from triage.auth.roles import Permission, Role
-from triage.auth.sessions import end_sessions_of
 from triage.db import Database
 from triage.serve.auth import ManageAccounts, ReadAudit, audit
 
@@ -100,9 +99,8 @@ def _apply(db: Database, username: str, body: AccountChange) -> tuple[str, dict[
         accounts.set_disabled(db, username, body.disabled)
         return ("account_disable" if body.disabled else "account_enable"), {}
     if body.password is not None:
-        accounts.set_password(db, username, body.password)
-        ended = end_sessions_of(db, username)
-        return "account_password", {"sessions_ended": ended}
+        accounts.set_password(db, username, body.password)  # ends its sessions too
+        return "account_password", {}
     if body.grants is not None:
         account = accounts.set_grants(db, username, body.grants)
         return "account_grants", {"grants": sorted(g.value for g in account.grants)}

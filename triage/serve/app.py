@@ -46,6 +46,7 @@ from triage.serve.auth import (
     ViewQuarantine,
     audit,
     document_permissions,
+    signed_in_now,
 )
 from triage.serve.health import HealthReport
 from triage.worklist import queue, service
@@ -195,9 +196,12 @@ def create_app(
         )
 
     @app.post("/api/worklist/next")
-    def claim_next(body: NextRequest, principal: Claim, db: DB, request: Request) -> Response:
+    def claim_next(
+        principal: Claim, db: DB, request: Request, body: NextRequest | None = None
+    ) -> Response:
         """Claim, for the signed-in reader, the first study in reading order they may take
-        (204: none waiting)."""
+        (204: none waiting). The body is optional."""
+        body = body or NextRequest()
         try:
             item = queue.claim_next(
                 db,
@@ -264,12 +268,14 @@ def create_app(
     def claim_action(
         study_uid: str,
         action: str,
-        body: ClaimRequest,
         principal: Claim,
         db: DB,
         request: Request,
+        body: ClaimRequest | None = None,
     ) -> dict[str, Any]:
-        """``claim``, ``renew``, ``release`` or ``complete`` a study for the signed-in reader."""
+        """``claim``, ``renew``, ``release`` or ``complete`` a study for the signed-in reader
+        (the body, with ``lease_seconds``, is optional)."""
+        body = body or ClaimRequest()
         if action not in ("claim", "renew", "release", "complete"):
             raise HTTPException(status_code=404, detail="unknown action")
         lease = timedelta(seconds=body.lease_seconds or request.app.state.lease_seconds)
@@ -371,9 +377,10 @@ def create_app(
         now on); ``?kinds=critical_finding,worklist_changed`` keeps only those kinds. An id
         that is not a whole number from 0 to ``outbox.MAX_EVENT_ID`` is refused before the
         stream starts (400 for the header, 422 for ``?after=``). Accession numbers only
-        for accounts that may see patient identifiers (``triage.events.visibility``).
+        for accounts that may see patient identifiers (``triage.events.visibility``). The
+        credential is checked again every few seconds: the stream ends once it no longer
+        signs in.
         """
-        patients = principal.may(Permission.view_patients)
         state = request.app.state
         wanted: frozenset[str] | None = None
         if kinds:
@@ -396,15 +403,27 @@ def create_app(
             start = await run_in_threadpool(outbox.latest_id, db)
         cursor = outbox.EventCursor(start, kinds=wanted)
         poll = float(getattr(state, "events_poll_seconds", 0.5))
+        recheck = float(getattr(state, "events_recheck_seconds", 5.0))
         keepalive = float(getattr(state, "events_keepalive_seconds", 15.0))
         closing = getattr(state, "events_closing", None)
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 2000\n: connected\n\n"
-            quiet_since = time.monotonic()
+            quiet_since = checked_at = time.monotonic()
+            patients = principal.may(Permission.view_patients)
             while True:
                 if await request.is_disconnected() or (closing is not None and closing()):
                     return
+                if time.monotonic() - checked_at >= recheck:
+                    # A token revoked, a session ended or an account disabled while the
+                    # stream is open ends it; a grant taken away applies from now on.
+                    now_principal = await run_in_threadpool(
+                        signed_in_now, request, Permission.view_events
+                    )
+                    if now_principal is None:
+                        return
+                    patients = now_principal.may(Permission.view_patients)
+                    checked_at = time.monotonic()
                 events = await run_in_threadpool(cursor.poll, db)
                 for event in events:
                     yield visible(event, patient_identifiers=patients).sse()

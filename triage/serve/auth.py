@@ -28,6 +28,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from triage.audit.chain import AuditEvent, Outcome, append
 from triage.auth.accounts import Account
 from triage.auth.ldap import LdapSettings
+from triage.auth.oidc import Provider
 from triage.auth.roles import Permission
 from triage.auth.sessions import IDLE, MAX_AGE, Session, resolve_session
 from triage.auth.tokens import resolve_token
@@ -60,6 +61,10 @@ class AuthConfig:
     session_idle: timedelta = IDLE
     session_max_age: timedelta = MAX_AGE
     ldap: LdapSettings | None = None
+    oidc: Provider | None = None
+    oidc_redirect_url: str | None = None
+    """The redirect URI registered at the provider; None: this server's callback as the
+    browser reached it."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,29 @@ def require(permission: Permission | None) -> Callable[..., Any]:
 
     dependency.permission = permission or SIGNED_IN  # type: ignore[attr-defined]
     return dependency
+
+
+def _credentials_of(request: Request) -> tuple[HTTPAuthorizationCredentials | None, str | None]:
+    header = request.headers.get("authorization")
+    credentials = None
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=value.strip())
+    return credentials, request.cookies.get(SESSION_COOKIE)
+
+
+def signed_in_now(request: Request, permission: Permission) -> Principal | None:
+    """The request's credential checked again, for a response that lasts (an event stream):
+    its principal now, or None once the token is revoked, the session ended, the account
+    disabled or the permission taken away."""
+    request.state.principal = None
+    credentials, session_value = _credentials_of(request)
+    try:
+        principal = _principal(request, credentials, session_value)
+    except HTTPException:
+        return None
+    return principal if principal.may(permission) else None
 
 
 def document_permissions(app: FastAPI) -> None:

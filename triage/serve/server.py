@@ -13,6 +13,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from triage.analysis import Analyzer
 from triage.auth.accounts import count_admins
 from triage.auth.ldap import LdapSettings
+from triage.auth.oidc import OidcSettings, Provider
 from triage.config import Settings
 from triage.db import Database
 from triage.events.publisher import Publisher
@@ -38,6 +39,8 @@ class TriageService:
         self.settings = settings
         # First: a directory misconfiguration stops the start before anything is loaded.
         self.ldap = LdapSettings.from_settings(settings)
+        oidc_settings = OidcSettings.from_settings(settings)
+        self.oidc = Provider(oidc_settings) if oidc_settings else None
         limits = raise_open_file_limit()
         if limits is not None and limits[1] > limits[0]:
             log.info("open-file limit raised from %d to %d", *limits)
@@ -97,6 +100,8 @@ class TriageService:
                 session_idle=timedelta(minutes=settings.session_idle_minutes),
                 session_max_age=timedelta(hours=settings.session_max_hours),
                 ldap=self.ldap,
+                oidc=self.oidc,
+                oidc_redirect_url=settings.oidc_redirect_url,
             ),
         )
         self.publisher = Publisher(

@@ -1,4 +1,5 @@
-"""sign-in sessions of the web page, and permissions granted to an account beyond its role
+"""sign-in sessions of the web page, OpenID Connect sign-ins under way, and permissions
+granted to an account beyond its role
 
 Revision ID: 0006
 Revises: 0005
@@ -31,11 +32,23 @@ def upgrade() -> None:
     )
     op.create_index("ix_sessions_account_id", "sessions", ["account_id"], unique=False)
     op.create_index("ix_sessions_token_sha256", "sessions", ["token_sha256"], unique=True)
+    op.create_table(
+        "oidc_logins",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("state_sha256", sa.String(length=64), nullable=False),
+        sa.Column("nonce", sa.String(length=64), nullable=False),
+        sa.Column("code_verifier", sa.String(length=128), nullable=False),
+        sa.Column("return_to", sa.String(length=512), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_oidc_logins_state_sha256", "oidc_logins", ["state_sha256"], unique=True)
     with op.batch_alter_table("accounts") as batch:
         batch.add_column(sa.Column("grants", sa.String(length=256), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_index("ix_oidc_logins_state_sha256", table_name="oidc_logins")
+    op.drop_table("oidc_logins")
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("grants")
     op.drop_index("ix_sessions_token_sha256", table_name="sessions")
