@@ -96,7 +96,9 @@ def main() -> None:
             busy0, ours0 = busy_cpu_seconds(), process_cpu_seconds(pid)
             item = None
             while time.monotonic() - t_acked < 1800:
-                items = httpx.get(f"{srv.http_url}/api/worklist", timeout=10).json()["items"]
+                items = httpx.get(
+                    f"{srv.http_url}/api/worklist", headers=srv.headers, timeout=10
+                ).json()["items"]
                 item = next((i for i in items if i["StudyInstanceUID"] == study_uid), None)
                 if item and item["ai_status"] != "pending":
                     break
@@ -104,7 +106,9 @@ def main() -> None:
             t_flag = time.monotonic()
             busy1, ours1 = busy_cpu_seconds(), process_cpu_seconds(pid)
             rss_peak = srv.peak_rss_mb()
-            detail = httpx.get(f"{srv.http_url}/api/studies/{study_uid}", timeout=10).json()
+            detail = httpx.get(
+                f"{srv.http_url}/api/studies/{study_uid}", headers=srv.headers, timeout=10
+            ).json()
             if args.keep_log is not None:
                 args.keep_log.write_text(srv.log())
     # CPUs kept busy by processes other than the server and this script while waiting

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import running_server
+from tests.e2e.browser import BUDGET_MS, Browser
 from triage.demo.run import dcmtk_env, storescu_commands
+from triage.serve.auth import SESSION_COOKIE
 from triage.serve.launcher import ServerProcess
 
 
@@ -42,37 +44,29 @@ def server(
         yield srv
 
 
-def chromium(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium on ``url`` with a fresh profile, after the page has settled in
-    virtual time (no waiting on the wall clock), with the DOM on stdout (``--dump-dom``);
-    ``flags`` are added (e.g. logging). Skips when Debian's chromium is not installed."""
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
-    return subprocess.run(
-        [
-            path,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=8000",
-            *flags,
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
-def dump_dom(url: str, profile: Path) -> str:
-    """The page's DOM after it has settled (see :func:`chromium`)."""
-    return chromium(url, profile).stdout
+def open_page(
+    browser: Browser, url: str, *, cookie: str | None = None, budget_ms: int = BUDGET_MS
+) -> str:
+    """Open ``url`` in ``browser`` (signed in with the session ``cookie`` when given, as
+    :meth:`ServerProcess.session_cookie` returns it) and let it settle in virtual time;
+    the DOM."""
+    if cookie is not None:
+        browser.set_cookie(SESSION_COOKIE, cookie, origin(url))
+    browser.navigate(url, budget_ms)
+    return browser.dom()
+
+
+def dump_dom(
+    url: str, profile: Path, *, cookie: str | None = None, budget_ms: int = BUDGET_MS
+) -> str:
+    """The page's DOM after it has settled in headless Chromium with a fresh profile (what
+    ``chromium --dump-dom --virtual-time-budget=8000`` printed), signed in with the session
+    ``cookie`` when given. Skips when Debian's chromium is not installed."""
+    with Browser(profile) as browser:
+        return open_page(browser, url, cookie=cookie, budget_ms=budget_ms)

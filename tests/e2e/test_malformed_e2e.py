@@ -61,14 +61,18 @@ def peak_growth(server: ServerProcess, start: int) -> int:
 
 
 def quarantined(server: ServerProcess) -> list[dict[str, object]]:
-    items: list[dict[str, object]] = httpx.get(f"{server.http_url}/api/quarantine").json()["items"]
+    items: list[dict[str, object]] = httpx.get(
+        f"{server.http_url}/api/quarantine", headers=server.headers
+    ).json()["items"]
     return items
 
 
 def assert_serving(server: ServerProcess) -> None:
     assert httpx.get(f"{server.http_url}/api/health").status_code == 200
     assert "Traceback" not in server.log()
-    assert httpx.get(f"{server.http_url}/api/worklist").json()["items"] == []
+    assert (
+        httpx.get(f"{server.http_url}/api/worklist", headers=server.headers).json()["items"] == []
+    )
     assert all(item["status"] == "0xC000" for item in quarantined(server))
 
 
@@ -78,7 +82,10 @@ def test_stow_rs_over_http(server: ServerProcess, cases: dict[str, tuple[bytes, 
     response = httpx.post(
         f"{server.http_url}/dicomweb/studies",
         content=multipart([data for data, _ in cases.values()]),
-        headers={"Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}"},
+        headers={
+            **server.headers,
+            "Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}",
+        },
         timeout=120,
     )
     growth = peak_growth(server, start)

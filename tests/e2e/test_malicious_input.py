@@ -70,7 +70,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def quarantined(server: ServerProcess) -> list[dict[str, object]]:
-    items: list[dict[str, object]] = httpx.get(f"{server.http_url}/api/quarantine").json()["items"]
+    items: list[dict[str, object]] = httpx.get(
+        f"{server.http_url}/api/quarantine", headers=server.headers
+    ).json()["items"]
     return items
 
 
@@ -81,7 +83,9 @@ def assert_contained(server: ServerProcess) -> None:
     assert not Path("/tmp/triage-evil").exists()
     assert httpx.get(f"{server.http_url}/api/health").status_code == 200
     assert "Traceback" not in server.log()
-    assert httpx.get(f"{server.http_url}/api/worklist").json()["items"] == []
+    assert (
+        httpx.get(f"{server.http_url}/api/worklist", headers=server.headers).json()["items"] == []
+    )
 
 
 @pytest.mark.parametrize("name", sorted(malicious_files()))
@@ -97,7 +101,10 @@ def test_stow_rs_rejects(server: ServerProcess, name: str) -> None:
     response = httpx.post(
         f"{server.http_url}/dicomweb/studies",
         content=body,
-        headers={"Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}"},
+        headers={
+            **server.headers,
+            "Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}",
+        },
     )
     assert response.status_code == 409, response.text
     (failed,) = json.loads(response.text)["00081198"]["Value"]

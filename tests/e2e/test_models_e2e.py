@@ -44,7 +44,9 @@ def _study(server: ServerProcess, uid: str, timeout_s: float = 600) -> dict[str,
     deadline = time.monotonic() + timeout_s
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        response = httpx.get(f"{server.http_url}/api/studies/{uid}", timeout=10)
+        response = httpx.get(
+            f"{server.http_url}/api/studies/{uid}", headers=server.headers, timeout=10
+        )
         if response.status_code == 200:
             doc = response.json()
             if doc["ai_status"] != "pending":
@@ -83,10 +85,14 @@ def test_chest_radiograph_gets_findings_and_a_saliency_overlay(
         assert f["model"] == {"name": CHEST_MODEL, "version": "1.0.0", "weights_sha256": [sha256]}
         assert f["flag"] == (f["score"] >= 0.5)
     assert "pneumothorax" in detail["overlays"]
-    png = httpx.get(f"{server.http_url}/api/studies/{uid}/overlays/pneumothorax.png", timeout=30)
+    png = httpx.get(
+        f"{server.http_url}/api/studies/{uid}/overlays/pneumothorax.png",
+        headers=server.headers,
+        timeout=30,
+    )
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
-    doc = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
+    doc = httpx.get(f"{server.http_url}/api/worklist", headers=server.headers, timeout=10).json()
     assert doc["critical_findings"] == ["intracranial_haemorrhage", "pneumothorax"]
     (item,) = [i for i in doc["items"] if i["StudyInstanceUID"] == uid]
     assert [f["finding"] for f in item["findings"]] == codes
@@ -131,7 +137,9 @@ def test_head_ct_and_chest_radiograph_in_one_study_get_both_models(
     assert {"intracranial_haemorrhage", "pneumothorax"} <= set(detail["overlays"])
     runs = {m["model"]: (m["status"], m["version"]) for m in detail["routing"]["models"]}
     assert runs == {"blast-ct-v1": ("ok", "1.0.0"), CHEST_MODEL: ("ok", "1.0.0")}
-    items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
+    items = httpx.get(f"{server.http_url}/api/worklist", headers=server.headers, timeout=10).json()[
+        "items"
+    ]
     (item,) = [i for i in items if i["StudyInstanceUID"] == study_uid]
     assert item["priority_class"] == "critical"
     assert "ai:intracranial_haemorrhage" in item["reasons"]

@@ -113,7 +113,9 @@ def alerts_of(dom: str) -> dict[str, str]:
 def test_polling_page_raises_critical_banners_despite_a_malformed_link(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    dom = dump_dom(f"{server.http_url}/?live=0{BAD_LINK}", tmp_path / "chrome")
+    dom = dump_dom(
+        f"{server.http_url}/?live=0{BAD_LINK}", tmp_path / "chrome", cookie=server.session_cookie()
+    )
     # The malformed link is reported, not thrown: the list loaded and polling runs.
     assert 'id="link-error"' in dom and "link does not name a study" in dom
     assert dom.count('<tr class="item') == 3
@@ -130,6 +132,8 @@ def test_polling_page_without_a_link_raises_the_banner_once(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     # Several polls happen within the page's virtual time; the banner is raised once.
-    dom = dump_dom(f"{server.http_url}/?live=0", tmp_path / "chrome")
+    dom = dump_dom(
+        f"{server.http_url}/?live=0", tmp_path / "chrome", cookie=server.session_cookie()
+    )
     assert set(alerts_of(dom)) == {BLEED}
     assert 'id="link-error"' not in dom

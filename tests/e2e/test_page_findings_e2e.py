@@ -310,7 +310,9 @@ class Marked(HTMLParser):
 
 
 def detail_of(server: ServerProcess, uid: str, profile: Path) -> tuple[str, Marked]:
-    dom = dump_dom(f"{server.http_url}/?live=0#study={uid}", profile)
+    dom = dump_dom(
+        f"{server.http_url}/?live=0#study={uid}", profile, cookie=server.session_cookie()
+    )
     detail = dom[dom.index('id="detail"') : dom.index("<script")]
     parsed = Marked()
     parsed.feed(detail)
@@ -326,7 +328,9 @@ def findings(parsed: Marked) -> list[dict[str, Any]]:
 
 
 def test_worklist_rows_show_severity_and_partial_ai(server: ServerProcess, tmp_path: Path) -> None:
-    dom = dump_dom(f"{server.http_url}/?live=0", tmp_path / "chrome")
+    dom = dump_dom(
+        f"{server.http_url}/?live=0", tmp_path / "chrome", cookie=server.session_cookie()
+    )
     assert "AI results are not for diagnostic use." in dom
     rows = [row[: row.index("</tr>")] for row in dom.split('<tr class="item')[1:]]
     assert len(rows) == 3
@@ -400,7 +404,7 @@ def test_study_detail_groups_findings_by_model(server: ServerProcess, tmp_path: 
     assert ptx["imgs"] == [f"{base}/pneumothorax.png"]
     assert effusion["imgs"] == consolidation["imgs"] == cardiomegaly["imgs"] == []
     for name in ("intracranial_haemorrhage", "pneumothorax"):
-        png = httpx.get(f"{server.http_url}{base}/{name}.png", timeout=30)
+        png = httpx.get(f"{server.http_url}{base}/{name}.png", headers=server.headers, timeout=30)
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The router's verdicts stay available per model.
@@ -426,7 +430,7 @@ def test_study_detail_shows_a_failed_model_and_its_error(
     (ich,) = findings(parsed)
     assert ich["imgs"] == [] and "overlay" not in ich["text"]
     url = f"{server.http_url}/api/studies/{PARTIAL}/overlays/intracranial_haemorrhage.png"
-    assert httpx.get(url, timeout=30).status_code == 404
+    assert httpx.get(url, headers=server.headers, timeout=30).status_code == 404
 
 
 def test_study_detail_says_why_models_did_not_run(server: ServerProcess, tmp_path: Path) -> None:

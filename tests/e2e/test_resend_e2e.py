@@ -36,7 +36,10 @@ def stow(server: ServerProcess, data: bytes) -> httpx.Response:
     return httpx.post(
         f"{server.http_url}/dicomweb/studies",
         content=body,
-        headers={"Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}"},
+        headers={
+            **server.headers,
+            "Content-Type": f"multipart/related; type=application/dicom; boundary={BOUNDARY}",
+        },
         timeout=60,
     )
 
@@ -46,7 +49,10 @@ def test_c_store_then_stow_rs_of_the_same_instance(
 ) -> None:
     source = pydicom_file("CT_small.dcm")
     send(storescu, server, [source])
-    assert len(httpx.get(f"{server.http_url}/api/worklist").json()["items"]) == 1
+    assert (
+        len(httpx.get(f"{server.http_url}/api/worklist", headers=server.headers).json()["items"])
+        == 1
+    )
 
     ds = pydicom.dcmread(source)
     ds.file_meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.9999"  # another writer
@@ -55,14 +61,19 @@ def test_c_store_then_stow_rs_of_the_same_instance(
     ds.save_as(resent, enforce_file_format=True)
     response = stow(server, resent.getvalue())
     assert response.status_code == 200, response.text
-    assert httpx.get(f"{server.http_url}/api/quarantine").json()["items"] == []
+    assert (
+        httpx.get(f"{server.http_url}/api/quarantine", headers=server.headers).json()["items"] == []
+    )
 
     ds.StudyDescription = "CHANGED"
     changed = io.BytesIO()
     ds.save_as(changed, enforce_file_format=True)
     response = stow(server, changed.getvalue())
     assert response.status_code == 200, response.text  # keep_first: the sender is not failed
-    (kept,) = httpx.get(f"{server.http_url}/api/quarantine").json()["items"]
+    (kept,) = httpx.get(f"{server.http_url}/api/quarantine", headers=server.headers).json()["items"]
     assert "differs in StudyDescription" in str(kept["reason"])
     assert "CHANGED" not in str(kept["reason"])
-    assert len(httpx.get(f"{server.http_url}/api/worklist").json()["items"]) == 1
+    assert (
+        len(httpx.get(f"{server.http_url}/api/worklist", headers=server.headers).json()["items"])
+        == 1
+    )

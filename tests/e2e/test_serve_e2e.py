@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import run_cli
-from tests.e2e.conftest import chromium, dump_dom, send
+from tests.e2e.conftest import dump_dom, send
 from triage.demo.phantom import PhantomSpec, write_head_ct_series
 from triage.demo.xray import write_demo_radiograph
 from triage.serve.launcher import ServerProcess as Server
@@ -24,11 +24,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def wait_for_ai(server: Server, expected: int, timeout_s: float = 900) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     items: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
-        if len(items) == expected and all(i["ai_status"] != "pending" for i in items):
-            return items
-        time.sleep(1)
+    with server.client() as api:
+        while time.monotonic() < deadline:
+            items = api.get("/api/worklist").json()["items"]
+            if len(items) == expected and all(i["ai_status"] != "pending" for i in items):
+                return items
+            time.sleep(1)
     pytest.fail(f"AI did not finish: {items}\n{server.log()[-4000:]}")
 
 
@@ -79,15 +80,15 @@ def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path:
     assert by_uid[f_uid]["ai_status"] == "incomplete_series"
     assert by_uid[f_uid]["ai_error"].startswith("incomplete series: covers 7.5 mm")
 
-    detail = httpx.get(f"{server.http_url}/api/studies/{b_uid}", timeout=10).json()
+    with server.client() as api:
+        detail = api.get(f"/api/studies/{b_uid}").json()
+        png = api.get(f"/api/studies/{b_uid}/overlays/intracranial_haemorrhage.png")
+        missing = api.get("/api/studies/1.2.3.4")
     assert detail["series"][0]["NumberOfInstances"] == len(bleed)
     assert detail["findings"][0]["flag"] is True
     assert detail["overlays"] == ["intracranial_haemorrhage"]
-    png = httpx.get(
-        f"{server.http_url}/api/studies/{b_uid}/overlays/intracranial_haemorrhage.png", timeout=30
-    )
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert httpx.get(f"{server.http_url}/api/studies/1.2.3.4", timeout=10).status_code == 404
+    assert missing.status_code == 404
 
     # Resending is harmless: no duplicates, no change in order.
     send(storescu, server, normal[:2])
@@ -97,12 +98,14 @@ def test_haemorrhage_study_moves_to_top(server: Server, storescu: str, tmp_path:
 
 
 def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path: Path) -> None:
-    items = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()["items"]
+    items = httpx.get(f"{server.http_url}/api/worklist", headers=server.headers, timeout=10).json()[
+        "items"
+    ]
     if not items:
         pytest.skip("needs the studies sent by the previous test")
     # ?live=0: an open event stream never lets the page idle
-    out = chromium(f"{server.http_url}/?live=0", tmp_path / "chrome")
-    dom = out.stdout
+    cookie = server.session_cookie()
+    dom = dump_dom(f"{server.http_url}/?live=0", tmp_path / "chrome", cookie=cookie)
     assert "reading worklist" in dom
     assert dom.count('class="item') == len(items)
     # The flagged study is the first row, marked critical, with its reason badge.
@@ -115,14 +118,16 @@ def test_web_page_lists_the_worklist_in_a_real_browser(server: Server, tmp_path:
 
     # A link to one study opens its detail: findings, claim buttons, the router's verdicts.
     uid = items[0]["StudyInstanceUID"]
-    linked = dump_dom(f"{server.http_url}/?live=0#study={uid}", tmp_path / "chrome-link")
+    linked = dump_dom(
+        f"{server.http_url}/?live=0#study={uid}", tmp_path / "chrome-link", cookie=cookie
+    )
     detail = linked[linked.index('id="detail"') :]
     assert "FLAGGED" in detail and "Mark read" in detail
     assert "series considered" in detail and "chosen: axial CT" in detail
 
 
 def test_cli_worklist_json_is_the_api_document(server: Server) -> None:
-    api = httpx.get(f"{server.http_url}/api/worklist", timeout=10).json()
+    api = httpx.get(f"{server.http_url}/api/worklist", headers=server.headers, timeout=10).json()
     cli = json.loads(run_cli(["worklist", "--json"], server.data_dir, check=True).stdout)
     assert cli["items"] == api["items"]
     table = run_cli(["worklist"], server.data_dir, check=True)

@@ -103,7 +103,7 @@ def test_concurrent_large_uploads_and_a_bomb_stay_under_the_memory_ceiling(
             responses[i] = httpx.post(
                 f"{server.http_url}/dicomweb/studies",
                 content=body(heads[i][0], bomb if i == 0 else None),
-                headers={"Content-Type": CONTENT_TYPE},
+                headers={**server.headers, "Content-Type": CONTENT_TYPE},
                 timeout=600,
             )
         except BaseException as exc:  # reported by the assertions below
@@ -120,7 +120,7 @@ def test_concurrent_large_uploads_and_a_bomb_stay_under_the_memory_ceiling(
         assert isinstance(response, httpx.Response), response
         assert response.status_code == (202 if i == 0 else 200), response.text
     assert growth < CEILING, f"peak grew {growth // MiB} MiB (ceiling {CEILING // MiB} MiB)"
-    stored = httpx.get(f"{server.http_url}/api/worklist").json()["items"]
+    stored = httpx.get(f"{server.http_url}/api/worklist", headers=server.headers).json()["items"]
     assert len(stored) == UPLOADS
     (kept,) = quarantined(server)
     assert phrase in str(kept["reason"]) and kept["status"] == "0xC000"
