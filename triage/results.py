@@ -4,8 +4,12 @@ DICOM export.
 Two kinds of overlay:
 
 * ``labels``: a segmentation's class map on the model's grid (uint8 (z, y, x), 0 background,
-  1..N the model's classes) with the HU it was computed from (int16, same grid) and the
-  grid's place in the resampled series volume (``origin`` = crop start (z, y, x)).
+  1..N the model's classes) with the HU it was computed from (int16, same grid), the grid's
+  place in the resampled series volume (``origin`` = crop start (z, y, x)) and the grid's
+  physical geometry in patient space (``grid_origin``, ``grid_spacing``, ``grid_direction``,
+  LPS millimetres, SimpleITK conventions), which lays the map back onto the source images
+  (:mod:`triage.dicomout.geometry`). Overlays written before the geometry was kept load with
+  None there and cannot be mapped back.
 * ``heatmap``: a classifier's saliency map (float16 (rows, columns) in [0, 1]) with the
   radiograph it explains in presentation grey (uint8, same grid); ``origin`` is the (row,
   column) of the map's first pixel in the source image and ``scale`` the source pixels per
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,6 +43,14 @@ class Overlay:
         SeriesInstanceUID: the source series.
         scale: source pixels per map pixel (row, column) for ``heatmap``; () for ``labels``.
         SOPInstanceUID: the source image of a ``heatmap``; None for a volume.
+        grid_origin: ``labels``: LPS position in mm, (x, y, z), of the centre of voxel
+            ``data[0, 0, 0]``; None for a heatmap or an overlay written before it was kept.
+        grid_spacing: ``labels``: voxel spacing in mm along the grid's (x, y, z) axes, i.e.
+            ``data``'s axes 2, 1, 0; None as ``grid_origin``.
+        grid_direction: ``labels``: the 3 x 3 direction matrix, row-major, whose columns are
+            the grid's x, y and z axes in LPS (SimpleITK ``GetDirection`` order): the centre of
+            ``data[k, j, i]`` lies at ``grid_origin + D @ (grid_spacing * (i, j, k))``; None as
+            ``grid_origin``.
     """
 
     kind: OverlayKind
@@ -49,6 +61,18 @@ class Overlay:
     SeriesInstanceUID: str
     scale: tuple[float, ...] = ()
     SOPInstanceUID: str | None = None
+    grid_origin: tuple[float, ...] | None = None
+    grid_spacing: tuple[float, ...] | None = None
+    grid_direction: tuple[float, ...] | None = None
+
+    @property
+    def has_geometry(self) -> bool:
+        """Whether the grid's physical geometry is known (``labels`` written by this version)."""
+        return (
+            self.grid_origin is not None
+            and self.grid_spacing is not None
+            and self.grid_direction is not None
+        )
 
 
 def overlay_path(results_dir: Path, study_uid: str, finding: str) -> Path:
@@ -69,13 +93,38 @@ def save_overlay(path: Path, overlay: Overlay) -> None:
         classes=np.asarray(overlay.classes),
         SeriesInstanceUID=np.asarray(overlay.SeriesInstanceUID),
         SOPInstanceUID=np.asarray(overlay.SOPInstanceUID or ""),
+        **_geometry_arrays(overlay),
     )
     tmp.replace(path)
 
 
+def _geometry_arrays(overlay: Overlay) -> dict[str, Any]:
+    """The grid geometry's npz entries (none when the overlay has no geometry)."""
+    values = {
+        "grid_origin": (overlay.grid_origin, 3),
+        "grid_spacing": (overlay.grid_spacing, 3),
+        "grid_direction": (overlay.grid_direction, 9),
+    }
+    out: dict[str, Any] = {}
+    for key, (value, n) in values.items():
+        if value is None:
+            continue
+        array = np.asarray(value, dtype=np.float64)
+        if array.shape != (n,) or not np.isfinite(array).all():
+            raise ValueError(f"overlay {key} must hold {n} finite numbers, got {value!r}")
+        out[key] = array
+    return out
+
+
+def _floats(npz: Any, key: str) -> tuple[float, ...] | None:
+    """A float tuple from the npz, None when the file has no such entry (older files)."""
+    return tuple(float(v) for v in npz[key]) if key in npz else None
+
+
 def load_overlay(path: Path) -> Overlay:
     """Read an overlay written by :func:`save_overlay` (or by an earlier version, which kept
-    ``labels``, ``hu`` and ``crop_start``)."""
+    ``labels``, ``hu`` and ``crop_start``). Files written before the grid geometry was kept
+    load with ``grid_origin``, ``grid_spacing`` and ``grid_direction`` None."""
     with np.load(path) as npz:
         classes = tuple(str(c) for c in npz["classes"])
         if "kind" not in npz:  # written before overlays had kinds
@@ -97,4 +146,7 @@ def load_overlay(path: Path) -> Overlay:
             SeriesInstanceUID=str(npz["SeriesInstanceUID"]),
             scale=tuple(float(v) for v in npz["scale"]),
             SOPInstanceUID=str(npz["SOPInstanceUID"]) or None,
+            grid_origin=_floats(npz, "grid_origin"),
+            grid_spacing=_floats(npz, "grid_spacing"),
+            grid_direction=_floats(npz, "grid_direction"),
         )

@@ -742,6 +742,9 @@ class HaemorrhageFindingModel(FindingModel[HeadCT, HaemorrhageResult]):
             classes=lesion_classes(self.spec),
             origin=prepared.crop_start,
             SeriesInstanceUID=series_uid,
+            grid_origin=prepared.hu_origin,
+            grid_spacing=tuple(float(v) for v in prepared.resampled.GetSpacing()),
+            grid_direction=tuple(float(v) for v in prepared.resampled.GetDirection()),
         )
         return ModelOutput(findings=[finding], overlays={finding.finding: overlay})
 

@@ -161,6 +161,15 @@ class HeadCT:
     StudyInstanceUID: str
     SeriesInstanceUID: str
 
+    @property
+    def hu_origin(self) -> tuple[float, float, float]:
+        """LPS position in mm, (x, y, z), of the centre of voxel ``hu[0, 0, 0]``; with
+        ``resampled``'s spacing and direction it places ``hu`` (and any mask on its grid) in
+        patient space."""
+        z, y, x = self.crop_start
+        point = self.resampled.TransformIndexToPhysicalPoint((int(x), int(y), int(z)))
+        return float(point[0]), float(point[1]), float(point[2])
+
 
 def load_ct_series(
     paths: Sequence[Path],

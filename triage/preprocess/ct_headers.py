@@ -29,7 +29,7 @@ from pydicom.uid import (
 
 from triage.preprocess.errors import PreprocessError
 
-__all__ = ["Frame", "read_slices"]
+__all__ = ["Frame", "image_slices", "read_headers", "read_slices"]
 
 _DEFER_BYTES: Final[int] = 64 * 1024  # larger values (native pixel data) stay on disk until used
 _LOCALIZER: Final[str] = "LOCALIZER"
@@ -82,9 +82,14 @@ class Frame:
     transfer_syntax: str | None
 
 
-def _read(path: Path, index: int, total: int) -> pydicom.Dataset | None:
-    """Reads one file's header (native pixel data deferred); None for files that are not DICOM."""
+def _read(
+    path: Path, index: int, total: int, *, headers_only: bool = False
+) -> pydicom.Dataset | None:
+    """Reads one file's header (native pixel data deferred, or not read at all with
+    ``headers_only``); None for files that are not DICOM."""
     try:
+        if headers_only:
+            return pydicom.dcmread(path, stop_before_pixels=True)
         return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError:
         return None
@@ -94,10 +99,14 @@ def _read(path: Path, index: int, total: int) -> pydicom.Dataset | None:
         ) from None
 
 
-def _image_kind(ds: pydicom.Dataset) -> Literal["single", "enhanced"] | None:
+def _image_kind(
+    ds: pydicom.Dataset, *, headers_only: bool = False
+) -> Literal["single", "enhanced"] | None:
     """'single' for a CT Image slice, 'enhanced' for an (Legacy Converted) Enhanced CT object,
-    None for anything else (localizers, objects without pixel data, other SOP classes)."""
-    if "PixelData" not in ds:
+    None for anything else (localizers, objects without pixel data, other SOP classes). With
+    ``headers_only`` (read before the pixel data) the pixel data is not looked for: the SOP
+    classes accepted require it."""
+    if not headers_only and "PixelData" not in ds:
         return None
     sop_class = ds.get("SOPClassUID")
     if sop_class is not None and sop_class != CTImageStorage and sop_class not in _ENHANCED_CT:
@@ -238,6 +247,29 @@ def _frames_of(
     return frames
 
 
+def _read_images(
+    paths: Sequence[Path], *, headers_only: bool = False
+) -> list[tuple[Path, pydicom.Dataset, Literal["single", "enhanced"]]]:
+    """The CT image objects among the files, in the order given, checked to be one series."""
+    total = len(paths)
+    if total == 0:
+        raise PreprocessError("no files given")
+    images: list[tuple[Path, pydicom.Dataset, Literal["single", "enhanced"]]] = []
+    for i, p in enumerate(paths):
+        ds = _read(Path(p), i, total, headers_only=headers_only)
+        kind = None if ds is None else _image_kind(ds, headers_only=headers_only)
+        if ds is not None and kind is not None:
+            images.append((Path(p), ds, kind))
+    if not images:
+        raise PreprocessError(f"none of the {total} files is a CT image")
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds, _ in images}
+    if len(series_uids) > 1:
+        raise PreprocessError(
+            f"the files hold {len(series_uids)} series; pass the files of one series"
+        )
+    return images
+
+
 def read_slices(paths: Sequence[Path]) -> list[Frame]:
     """Reads the headers of one series' files and lists its image slices, in the order given.
 
@@ -252,22 +284,49 @@ def read_slices(paths: Sequence[Path]) -> list[Frame]:
         PreprocessError: No files, a file that cannot be read, none that is a CT image, files
             of several series, or a slice whose geometry or rescale attributes are unusable.
     """
-    total = len(paths)
-    if total == 0:
-        raise PreprocessError("no files given")
-    images: list[tuple[Path, pydicom.Dataset, Literal["single", "enhanced"]]] = []
-    for i, p in enumerate(paths):
-        ds = _read(Path(p), i, total)
-        kind = None if ds is None else _image_kind(ds)
-        if ds is not None and kind is not None:
-            images.append((Path(p), ds, kind))
-    if not images:
-        raise PreprocessError(f"none of the {total} files is a CT image")
-    series_uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds, _ in images}
-    if len(series_uids) > 1:
-        raise PreprocessError(
-            f"the files hold {len(series_uids)} series; pass the files of one series"
-        )
     return [
-        item for i, (path, ds, kind) in enumerate(images) for item in _frames_of(ds, path, kind, i)
+        item
+        for i, (path, ds, kind) in enumerate(_read_images(paths))
+        for item in _frames_of(ds, path, kind, i)
     ]
+
+
+def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Reads the headers (up to the pixel data, which stays unread) of one series' CT images.
+
+    The same objects as :func:`read_slices` reads, for work on the series' geometry and
+    identity only (mapping results back onto the images, DICOM outputs that reference them).
+
+    Args:
+        paths: DICOM files of one CT series, in any order.
+
+    Returns:
+        The CT image objects (single-frame or enhanced, localizers left out), in the order
+        given; their slices come from :func:`image_slices`.
+
+    Raises:
+        PreprocessError: No files, a file that cannot be read, none that is a CT image, or
+            files of several series.
+    """
+    return [ds for _, ds, _ in _read_images(paths, headers_only=True)]
+
+
+def image_slices(ds: pydicom.Dataset, index: int = 0) -> list[Frame]:
+    """The image slices of one CT image object already read (its header is enough).
+
+    Args:
+        ds: A CT Image, Enhanced CT or Legacy Converted Enhanced CT object.
+        index: Its position in the list of objects, for messages ("image 3").
+
+    Returns:
+        The object as one slice, or its non-localizer frames (``Frame.frame`` = 0-based frame
+        index); [] for an object that is not a CT image or is a localizer.
+
+    Raises:
+        PreprocessError: A slice's geometry or rescale attributes are unusable.
+    """
+    kind = _image_kind(ds, headers_only=True)
+    if kind is None:
+        return []
+    path = Path(str(getattr(ds, "filename", None) or ""))
+    return _frames_of(ds, path, kind, index)
