@@ -130,6 +130,30 @@ class FindingRow(Base):
     study: Mapped[StudyRow] = relationship(back_populates="findings")
 
 
+class FeedbackRow(Base):
+    """A radiologist's judgement of an AI finding: agree, disagree, or missed (a finding the
+    AI did not report, with the slice), with what the AI said and which model and weights
+    said it, as they were when the judgement was made. Kept for retraining; never edited."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # a FeedbackVerdict
+    reader: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    comment: Mapped[str | None] = mapped_column(Text)
+    SeriesInstanceUID: Mapped[str | None] = mapped_column(String(64))
+    SOPInstanceUID: Mapped[str | None] = mapped_column(String(64))
+    InstanceNumber: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    weights_sha256: Mapped[list[str]] = mapped_column(JSON)
+    ai_flag: Mapped[bool | None] = mapped_column()
+    ai_score: Mapped[float | None] = mapped_column(Float)
+
+
 class QuarantineRow(Base):
     """Rejected input, kept with the reason. No attribute values of the input are stored."""
 
