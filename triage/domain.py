@@ -54,6 +54,31 @@ class WebhookState(enum.StrEnum):
     failed = "failed"
 
 
+class FeedbackVerdict(enum.StrEnum):
+    """A reader's judgement of an AI finding."""
+
+    agree = "agree"
+    disagree = "disagree"
+    missed = "missed"
+    """A finding the AI did not flag, with the slice where the reader sees it."""
+
+
+class ExportState(enum.StrEnum):
+    """Sending one DICOM result to one destination (a PACS): waiting (first try or a retry),
+    stored there, or given up after the last attempt."""
+
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"
+
+
+class DicomResultKind(enum.StrEnum):
+    """What a DICOM result object is: a Segmentation, or a TID 1500 measurement report."""
+
+    seg = "seg"
+    sr = "sr"
+
+
 class Severity(enum.StrEnum):
     """How severe a flagged finding is, where its model can tell (orders critical studies)."""
 

@@ -195,6 +195,22 @@ def test_radiologist_signs_in_claims_and_signs_out(server: ServerProcess, tmp_pa
         row = browser.text(f'tr.item[data-uid="{ROUTINE}"] td.claim')
         assert row == READER
 
+        # Judge the AI's finding: disagree, with a comment; kept as this reader's.
+        browser.type('li[data-finding="intracranial_haemorrhage"] .fb-comment', "calcification")
+        browser.click('li[data-finding="intracranial_haemorrhage"] button[data-verdict="disagree"]')
+        said = browser.text('li[data-finding="intracranial_haemorrhage"] .fb-said')
+        assert said is not None and said.startswith(f"{READER}: disagree — calcification"), said
+        answer = httpx.get(
+            f"{base}/api/studies/{ROUTINE}/feedback", headers=server.headers, timeout=30
+        )
+        (judged,) = answer.json()["records"]
+        assert (judged["reader"], judged["verdict"], judged["comment"]) == (
+            READER,
+            "disagree",
+            "calcification",
+        )
+        assert judged["model"]["name"] == "blast-ct-v1"
+
         # "Read next" claims the first study in reading order that is still free.
         browser.click("#next")
         assert browser.text("#detail h3") == "CT HEAD (fall)"

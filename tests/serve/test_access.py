@@ -307,6 +307,9 @@ BODIES: dict[tuple[str, str], Callable[[Site], dict[str, Any]]] = {
     ("PATCH", "/api/accounts/{username}"): lambda s: {"json": {"grants": ["view_quarantine"]}},
     ("POST", "/api/tokens"): lambda s: {"json": {"username": "spare", "name": "access test"}},
     ("POST", "/api/studies/{study_uid}/acknowledge"): lambda s: {"json": {"finding": FINDING}},
+    ("POST", "/api/studies/{study_uid}/feedback"): lambda s: {
+        "json": {"finding": FINDING, "verdict": "agree"}
+    },
     ("POST", "/dicomweb/studies"): _stow,
     ("POST", "/dicomweb/studies/{study_uid}"): _stow,
 }

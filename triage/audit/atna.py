@@ -29,7 +29,7 @@ action                                        message
                                               / 110123 Logout (A.5.3.12)
 ``view``, ``study_view``                      110103 DICOM Instances Accessed, R (A.5.3.6)
 ``claim``, ``renew``, ``release``,            110111 Procedure Record, U (A.5.3.15), with a
-``complete``, ``acknowledge``                 local EventTypeCode naming the step
+``complete``, ``acknowledge``, ``feedback``   local EventTypeCode naming the step
 ``query``, ``worklist``                       110112 Query, E (A.5.3.10)
 ``export``                                    110106 Export, R (A.5.3.4)
 ``account_create``                            110113 Security Alert, E, types 110137 User
@@ -143,6 +143,7 @@ TYPE_READING = {
     "release": Code("RELEASE", LOCAL_SCHEME, "Reading Claim Released"),
     "complete": Code("COMPLETE", LOCAL_SCHEME, "Reading Completed"),
     "acknowledge": Code("ACKNOWLEDGE", LOCAL_SCHEME, "Critical Finding Acknowledged"),
+    "feedback": Code("FEEDBACK", LOCAL_SCHEME, "AI Finding Judged"),
 }
 # RoleIDCode
 ROLE_APPLICATION = Code("110150", DCM, "Application")

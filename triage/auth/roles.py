@@ -24,6 +24,8 @@ class Permission(enum.StrEnum):
     """The worklist and study documents with patient names, IDs and accession numbers."""
     claim = "claim"
     """Claim, renew, release and complete studies; acknowledge alerts."""
+    review = "review"
+    """Judge the AI's findings (agree, disagree, missed) for retraining."""
     ingest = "ingest"
     """Store instances (STOW-RS)."""
     view_events = "view_events"
@@ -38,7 +40,7 @@ class Permission(enum.StrEnum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.radiologist: frozenset(
-        {Permission.view_patients, Permission.claim, Permission.view_events}
+        {Permission.view_patients, Permission.claim, Permission.review, Permission.view_events}
     ),
     Role.admin: frozenset(Permission),
     Role.integration: frozenset({Permission.ingest, Permission.view_events}),

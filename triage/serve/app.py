@@ -31,6 +31,7 @@ from triage.auth.roles import Permission
 from triage.auth.sessions import resolve_session
 from triage.db import Database
 from triage.db.tables import FindingRow, StudyRow
+from triage.domain import FeedbackVerdict
 from triage.events import outbox
 from triage.events.fhir import task_from_item
 from triage.events.publisher import study_item
@@ -41,6 +42,7 @@ from triage.serve.auth import (
     SESSION_COOKIE,
     AuthConfig,
     Claim,
+    Review,
     ViewEvents,
     ViewPatients,
     ViewQuarantine,
@@ -49,7 +51,7 @@ from triage.serve.auth import (
     signed_in_now,
 )
 from triage.serve.health import HealthReport
-from triage.worklist import queue, service
+from triage.worklist import feedback, queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -96,6 +98,23 @@ class AcknowledgeRequest(BaseModel):
         min_length=1,
         max_length=64,
         description="The flagged finding, e.g. intracranial_haemorrhage.",
+    )
+
+
+class FeedbackRequest(BaseModel):
+    """A judgement of one AI finding; the reader is the signed-in account."""
+
+    finding: str = Field(max_length=64, description="The finding's code.")
+    verdict: FeedbackVerdict
+    comment: str | None = Field(default=None, max_length=feedback.MAX_COMMENT)
+    model: str | None = Field(
+        default=None, max_length=64, description="Which model's finding, when several reported it."
+    )
+    SOPInstanceUID: str | None = Field(
+        default=None, max_length=64, description="missed: the image where the reader sees it."
+    )
+    InstanceNumber: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="missed: the slice number the reader saw."
     )
 
 
@@ -263,6 +282,43 @@ def create_app(
             "acknowledged_by": principal.username,
             "audit_record": record,
         }
+
+    @app.post("/api/studies/{study_uid}/feedback", status_code=201)
+    def post_feedback(
+        study_uid: str, body: FeedbackRequest, principal: Review, db: DB, request: Request
+    ) -> JSONResponse:
+        """Judge an AI finding: ``agree``, ``disagree``, or ``missed`` (with the slice). Kept
+        with the reader, the time and the model, version and weights that produced the
+        finding; audited. 404: unknown study, finding or image."""
+        item = feedback.FeedbackInput(
+            finding=body.finding,
+            verdict=body.verdict,
+            comment=body.comment,
+            model=body.model,
+            SOPInstanceUID=body.SOPInstanceUID,
+            InstanceNumber=body.InstanceNumber,
+        )
+        try:
+            record = feedback.record_feedback(db, study_uid, principal.username, item)
+        except feedback.FeedbackError as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        audit(
+            request,
+            "feedback",
+            principal=principal,
+            target_kind="study",
+            target=study_uid,
+            detail={"finding": body.finding, "verdict": body.verdict.value},
+        )
+        return JSONResponse(record, status_code=201)
+
+    @app.get("/api/studies/{study_uid}/feedback")
+    def get_feedback(study_uid: str, principal: ViewPatients, db: DB) -> dict[str, Any]:
+        """Every judgement of the study's findings (oldest first), and each reader's latest."""
+        records = feedback.list_feedback(db, study_uid)
+        if records is None:
+            raise HTTPException(status_code=404, detail="unknown StudyInstanceUID")
+        return {"records": records, "latest": feedback.latest_by_reader(records)}
 
     @app.post("/api/studies/{study_uid}/{action}")
     def claim_action(

@@ -234,6 +234,7 @@ async def audit_async(request: Request, action: str, **kwargs: Any) -> int:
 SignedIn = Annotated[Principal, Depends(require(None))]
 ViewPatients = Annotated[Principal, Depends(require(Permission.view_patients))]
 Claim = Annotated[Principal, Depends(require(Permission.claim))]
+Review = Annotated[Principal, Depends(require(Permission.review))]
 ViewEvents = Annotated[Principal, Depends(require(Permission.view_events))]
 ViewQuarantine = Annotated[Principal, Depends(require(Permission.view_quarantine))]
 Ingest = Annotated[Principal, Depends(require(Permission.ingest))]

@@ -13,6 +13,7 @@ from triage.db import Database
 from triage.db.tables import StudyRow
 from triage.domain import Finding, ReadState
 from triage.preprocess.routing import regions_from_text
+from triage.worklist import feedback
 from triage.worklist.priority import (
     DEFAULT_POLICY,
     POLICY_VERSION,
@@ -188,4 +189,6 @@ def study_detail(db: Database, study_uid: str) -> dict[str, Any] | None:
             for se in study.series
         ]
         doc["overlays"] = [f.finding for f in study.findings if f.mask_path is not None]
-        return doc
+    records = feedback.list_feedback(db, study_uid) or []
+    doc["feedback"] = feedback.latest_by_reader(records)
+    return doc
