@@ -55,11 +55,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pydicom
 
+from triage.demo.orthanc import orthanc_server
 from triage.demo.run import STORESCU_PROPOSE, dcmtk_tool
-from triage.serve.launcher import ServerProcess, free_port
+from triage.serve.launcher import ServerProcess
 
 CALLING_AE = "BENCH"
 TRIAGE_ENV = {
@@ -190,89 +190,6 @@ def triage_server(workdir: Path) -> Iterator[ServerProcess]:
             yield srv
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def orthanc_config(storage: Path, dicom_port: int, http_port: int) -> dict[str, object]:
-    """Orthanc's configuration: loopback, no plugins, everything else at its defaults
-    (notably ``SyncStorageArea`` true and the SQLite index)."""
-    return {
-        "Name": "bench",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "StorageCompression": False,
-        "Plugins": [],
-        "DicomAlwaysAllowStore": True,
-        "DicomThreadsCount": 4,
-        "KeepAlive": True,
-        "ConcurrentJobs": 2,
-    }
-
-
-@dataclass
-class OrthancProcess:
-    """Handle on a running Orthanc: its ports and HTTP base address."""
-
-    proc: subprocess.Popen[bytes]
-    dicom_port: int
-    http_url: str
-    log_path: Path
-    ae_title: str = "ORTHANC"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def count_instances(self) -> int:
-        stats = httpx.get(f"{self.http_url}/statistics", timeout=30).json()
-        return int(stats["CountInstances"])
-
-
-@contextmanager
-def orthanc_server(
-    orthanc: str, workdir: Path, env: dict[str, str], timeout_s: float = 60.0
-) -> Iterator[OrthancProcess]:
-    """A fresh Orthanc with empty storage under workdir; waits until ``/system`` answers.
-
-    The configuration file is given as Orthanc's positional argument (``--config`` of this
-    version writes a sample configuration instead), so /etc/orthanc is not read.
-    """
-    root = Path(tempfile.mkdtemp(prefix="orthanc-", dir=workdir))
-    storage = root / "storage"
-    storage.mkdir()
-    dicom_port, http_port = free_port(), free_port()
-    cfg = root / "orthanc.json"
-    cfg.write_text(json.dumps(orthanc_config(storage, dicom_port, http_port), indent=2))
-    log_path = root / "orthanc.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([orthanc, str(cfg)], stdout=log, stderr=log, env=env)
-    srv = OrthancProcess(proc, dicom_port, f"http://127.0.0.1:{http_port}", log_path)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited early:\n{srv.log()}")
-            try:
-                if httpx.get(f"{srv.http_url}/system", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Orthanc did not come up:\n{srv.log()}")
-            time.sleep(0.1)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_round(

@@ -6,8 +6,42 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ResultDestination(BaseModel):
+    """A DICOM node (a PACS, a viewer's store) that receives the AI's DICOM results by
+    C-STORE; ``TRIAGE_RESULT_DESTINATIONS`` is a JSON list of these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str = Field(min_length=1, max_length=16, description="Its called AE title.")
+    host: str = Field(min_length=1, max_length=253, description="Its host name or address.")
+    port: int = Field(ge=1, le=65535, description="Its DICOM port.")
+    tls: bool = Field(default=False, description="DICOM over TLS (the certificate checked).")
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle its TLS certificate is checked against; None: the system's CAs.",
+    )
+    cert_file: Path | None = Field(
+        default=None, description="PEM client certificate for mutual TLS (with key_file)."
+    )
+    key_file: Path | None = Field(default=None, description="PEM key of cert_file.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        # PS3.5 AE: 16 characters of the default repertoire, no backslash or control
+        # characters, not only spaces.
+        if not value.strip() or any(c == "\\" or not " " <= c <= "~" for c in value):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters, no backslash")
+        return value.strip()
+
+    @property
+    def name(self) -> str:
+        """How the destination is named in the export records: ``AE@host:port``."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -103,6 +137,13 @@ class Settings(BaseSettings):
         description="STOW-RS parts being checked and stored hold at most this many bytes in"
         " memory together, over all concurrent requests; the others wait their turn (a"
         " part larger than this runs alone).",
+    )
+    viewer_cache_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=0,
+        description="The image viewer keeps at most this many bytes of decoded slices (as"
+        " served, compressed) and overlays mapped onto the source images in memory, least"
+        " recently used dropped first; 0 keeps nothing.",
     )
     min_free_bytes: int = Field(
         default=256 * 1024**2,
@@ -233,6 +274,30 @@ class Settings(BaseSettings):
     )
     webhook_backoff_max_seconds: float = Field(default=600.0, gt=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    result_destinations: list[ResultDestination] = Field(
+        default_factory=list,
+        description="DICOM nodes that receive every new DICOM result (SEG, SR) by C-STORE"
+        ' (JSON list of {"ae_title", "host", "port", "tls": false, "ca_file", "cert_file",'
+        ' "key_file"}); empty: results are kept and downloadable only.',
+    )
+    result_export_max_attempts: int = Field(
+        default=10, ge=1, description="Attempts before a result's export is marked failed."
+    )
+    result_export_backoff_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="First retry wait of a failed export; doubled per failed attempt, at most"
+        " result_export_backoff_max_seconds.",
+    )
+    result_export_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    result_export_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Connect, association and each C-STORE response time out after this.",
+    )
+    result_export_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the sender looks for exports that are due."
+    )
     atna_syslog: str | None = Field(
         default=None,
         description="Send every audit record as a DICOM PS3.15 A.5 audit message (IHE ATNA"
@@ -357,6 +422,24 @@ class Settings(BaseSettings):
     oidc_timeout_seconds: float = Field(
         default=10.0, gt=0, le=120, description="Each request to the provider times out after this."
     )
+    viewer_url_template: str | None = Field(
+        default=None,
+        description="The study in the site's PACS viewer, for the page's 'Open in viewer' link:"
+        " an http(s) URL with {StudyInstanceUID} and/or {AccessionNumber}, e.g."
+        " https://pacs.example.org/viewer?StudyInstanceUIDs={StudyInstanceUID}.",
+    )
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("https://", "http://")) or not any(
+            p in value for p in ("{StudyInstanceUID}", "{AccessionNumber}")
+        ):
+            raise ValueError("an http(s) URL with {StudyInstanceUID} or {AccessionNumber} in it")
+        return value
+
     session_idle_minutes: float = Field(
         default=60.0,
         gt=0,

@@ -40,6 +40,7 @@ READER = "ajones"
 DISPLAY_NAME = "Dr Ann Jones"
 PASSWORD = "correct horse battery staple"
 EVENT_STREAM = "*/api/events*"
+VIEWER = "https://pacs.example.org/viewer?StudyInstanceUIDs="
 
 
 def seed(server: ServerProcess) -> None:
@@ -83,7 +84,11 @@ def seed(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data_dir = tmp_path_factory.mktemp("triage-signin")
-    with running_server(data_dir, {"TRIAGE_SERIES_QUIET_SECONDS": "3600"}) as srv:
+    env = {
+        "TRIAGE_SERIES_QUIET_SECONDS": "3600",
+        "TRIAGE_VIEWER_URL_TEMPLATE": VIEWER + "{StudyInstanceUID}",
+    }
+    with running_server(data_dir, env) as srv:
         seed(srv)
         yield srv
 
@@ -344,5 +349,65 @@ def test_a_radiologist_gets_no_admin_sections(server: ServerProcess, tmp_path: P
             ".map(id => document.getElementById(id).hidden)"
         )
         assert hidden == [True, True, True]
+    finally:
+        browser.close()
+
+
+def test_the_reader_works_from_the_keyboard(server: ServerProcess, tmp_path: Path) -> None:
+    """j moves to a study, c claims it, d marks it read; the waited time, the viewer link,
+    the filters and "show read" are on the page."""
+    base = server.http_url
+    extra = "kbreader"
+    target = "1.2.826.0.1.3680043.8.498.7209"  # this test's own study, unread
+    db = Database(server.database_url)
+    try:
+        create_account(db, extra, Role.radiologist, password=PASSWORD)
+        add(
+            db,
+            server.data_dir / "results",
+            target,
+            description="CT HEAD (keyboard)",
+            minutes_ago=90,
+            ai_status="ok",
+            series=[("CT", "Head axial 2.5 mm")],
+            routing={"models": [route(BLAST, target + ".1", CT_REASON, status="ok")]},
+            findings=[
+                haemorrhage(False, {"IPH": 0.0, "EAH": 0.0, "oedema": 0.0, "IVH": 0.0}, 0.01)
+            ],
+            overlays={},
+        )
+    finally:
+        db.dispose()
+    browser = signed_in_browser(tmp_path / "chrome")
+    try:
+        sign_in_with_the_form(browser, base, extra, PASSWORD)
+        browser.click("#submit", navigates=True)
+        waited = browser.text(f'tr.item[data-uid="{target}"] td.waited') or ""
+        hours, _, minutes = waited.partition(" h ")
+        assert hours == "1" and 30 <= int(minutes) <= 59, waited  # arrived 90 minutes ago
+        rows = browser.evaluate("[...document.querySelectorAll('tr.item')].map(r => r.dataset.uid)")
+        assert target in rows, rows
+        for _ in range(rows.index(target) + 1):
+            browser.act("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'j'}))")
+        assert browser.evaluate("selected") == target
+        link = browser.evaluate("document.getElementById('viewer-link').href")
+        assert link == VIEWER + target.replace(".", "%2E").replace("%2E", ".")
+        browser.act("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'c'}))")
+        assert study(server, target)["claimed_by"] == extra
+        browser.act("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'd'}))")
+        assert study(server, target)["read_state"] == "completed"
+        shown = browser.evaluate(
+            "[...document.querySelectorAll('tr.item')].map(r => r.dataset.uid)"
+        )
+        assert target not in shown  # read studies leave the list...
+        browser.act("document.getElementById('f-completed').click()")
+        shown = browser.evaluate(
+            "[...document.querySelectorAll('tr.item')].map(r => r.dataset.uid)"
+        )
+        assert target in shown  # ...and come back with "show read"
+        modalities = browser.evaluate(
+            "[...document.getElementById('f-modality').options].map(o => o.value)"
+        )
+        assert "CT" in modalities
     finally:
         browser.close()

@@ -64,6 +64,7 @@ UNDOCUMENTED_PUBLIC = frozenset(
     {
         ("GET", "/"),
         ("GET", "/admin"),
+        ("GET", "/viewer"),
         ("GET", "/login"),
         ("GET", "/static/{name}"),
         ("GET", "/docs"),
@@ -129,6 +130,10 @@ def seed_study(
                 ("IPH", "EAH", "oedema", "IVH"),
                 (0, 0, 0),
                 uid + ".1",
+                # On the stored CT_small slice (z -75.7 mm), so the viewer can lay it there.
+                grid_origin=(-158.0, -179.0, -76.7),
+                grid_spacing=(1.0, 1.0, 1.0),
+                grid_direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
             )
             path = overlay_path(results_dir, uid, finding)
             save_overlay(path, overlay)
@@ -154,11 +159,62 @@ def seed_study(
         )
 
 
-def dicom_instance(study_uid: str = STUDY_UID) -> bytes:
-    """CT_small.dcm as a new instance of ``study_uid`` (a new SOPInstanceUID each call)."""
+def seed_dicom_result(db: Database, results_dir: Path, uid: str = STUDY_UID) -> str:
+    """A DICOM result (an SR file with the study's UIDs) indexed for the study; its
+    SOPInstanceUID."""
+    from triage.dicomout.index import NewResult, replace_results
+    from triage.domain import DicomResultKind
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    path = results_dir / "sr.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    result = NewResult(
+        DicomResultKind.sr,
+        ds.SOPInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPClassUID,
+        path,
+        FINDING,
+        "blast-ct-v1",
+    )
+    with db.session() as s:
+        study_id = s.scalar(select(StudyRow.id).where(StudyRow.StudyInstanceUID == uid))
+        assert study_id is not None
+        replace_results(
+            s,
+            study_id=study_id,
+            model_name="blast-ct-v1",
+            results=[result],
+            destinations=["PACS@192.0.2.1:104"],
+            outcomes=[],
+            now=datetime.now(UTC),
+        )
+    return str(ds.SOPInstanceUID)
+
+
+STORED_SOP = STUDY_UID + ".1.1"  # the instance stored in the seeded series
+
+
+def dicom_instance(
+    study_uid: str = STUDY_UID, *, series_uid: str | None = None, sop_uid: str | None = None
+) -> bytes:
+    """CT_small.dcm as a new instance of ``study_uid`` (a new SOPInstanceUID each call
+    unless ``sop_uid`` is given; in ``series_uid`` when given)."""
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     ds.StudyInstanceUID = study_uid
-    ds.SOPInstanceUID = generate_uid()
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -206,6 +262,11 @@ def make_site(db: Database, root: Path) -> Site:
     app = create_app(db, ingestor=ingestor)
     app.state.events_closing = lambda: True  # an event stream ends after its first message
     seed_study(db, results_dir=root / "results")
+    stored = ingestor.ingest(
+        dicom_instance(series_uid=STUDY_UID + ".1", sop_uid=STORED_SOP), source="test"
+    )
+    assert stored.ok, stored
+    result_uid = seed_dicom_result(db, root / "results")
     create_account(db, "reader", Role.radiologist, password=PASSWORD)
     create_account(db, "spare", Role.radiologist)
     tokens = {role: token_for(db, f"test-{role.value}", role) for role in Role}
@@ -216,6 +277,11 @@ def make_site(db: Database, root: Path) -> Site:
         "finding": FINDING,
         "token_id": str(info.id),
         "username": "spare",
+        "sop_instance_uid": result_uid,
+        "series_uid": STUDY_UID + ".1",
+        "sop_uid": STORED_SOP,
+        "frame_list": "1",
+        "index": "0",
     }
     return Site(db, root, app, tokens, info.id, values)
 

@@ -154,6 +154,43 @@ class FeedbackRow(Base):
     ai_score: Mapped[float | None] = mapped_column(Float)
 
 
+class DicomResultRow(Base):
+    """A DICOM object the AI made for a study (``triage.dicomout.results``): a Segmentation
+    or a TID 1500 report, its UIDs and where its file is kept. A new analysis of the study by
+    the same model replaces the model's rows (new objects, new UIDs)."""
+
+    __tablename__ = "dicom_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # a DicomResultKind
+    SOPInstanceUID: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    SeriesInstanceUID: Mapped[str] = mapped_column(String(64))
+    SOPClassUID: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))
+    finding: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ResultExportRow(Base):
+    """Sending one DICOM result to one configured destination (``triage.dicomout.send``):
+    the state, how many attempts were made, when the next is due, the last failure (how it
+    failed, never patient data) and when it was stored there."""
+
+    __tablename__ = "result_exports"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("dicom_results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # "AE@host:port"
+    state: Mapped[str] = mapped_column(String(16), index=True)  # an ExportState
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class QuarantineRow(Base):
     """Rejected input, kept with the reason. No attribute values of the input are stored."""
 

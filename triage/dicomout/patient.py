@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pydicom
 
-__all__ = ["METHOD_NOT_STATED", "complete_deidentification"]
+__all__ = ["COPIED_TYPE2", "METHOD_NOT_STATED", "complete_deidentification", "complete_type2"]
 
 METHOD_NOT_STATED = "Not stated by the source images"
 """DeidentificationMethod of an output whose de-identified sources do not name theirs."""
@@ -24,3 +24,27 @@ def complete_deidentification(ds: pydicom.Dataset) -> None:
     if ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence"):
         return
     ds.DeidentificationMethod = METHOD_NOT_STATED
+
+
+# The Patient and Study attributes highdicom copies from the first source image into a
+# Segmentation and an SR: Type 2 in CT images (present, possibly empty), yet often missing
+# from real files; highdicom reads them as attributes and fails on a missing one.
+COPIED_TYPE2: tuple[str, ...] = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def complete_type2(ds: pydicom.Dataset) -> None:
+    """Adds the Type 2 attributes the outputs copy (:data:`COPIED_TYPE2`) as empty values
+    where ``ds`` lacks them (call it on the caller's own copies of the source headers)."""
+    for keyword in COPIED_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")

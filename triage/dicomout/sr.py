@@ -76,6 +76,49 @@ def _observation_context(model: ModelRef) -> hd.sr.ObservationContext:
     )
 
 
+def _frame_segment(segmentation: pydicom.Dataset, item: pydicom.Dataset) -> int | None:
+    """The segment number of a frame: from its own functional groups, or from the shared ones
+    (where highdicom puts it when the Segmentation has a single segment)."""
+    for groups in (item, *segmentation.get("SharedFunctionalGroupsSequence", [])):
+        if "SegmentIdentificationSequence" in groups:
+            return int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    return None
+
+
+def _referenced_segment(segmentation: pydicom.Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The segment and the source images its frames derive from.
+
+    ``hd.sr.ReferencedSegment.from_segmentation`` reads the segment of each frame from the
+    per-frame functional groups only and fails on a single-segment Segmentation (highdicom
+    0.28 keeps the segment identification in the shared groups then); this reads both.
+    """
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for item in segmentation.PerFrameFunctionalGroupsSequence:
+        if _frame_segment(segmentation, item) != number:
+            continue
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                uid = str(source.ReferencedSOPInstanceUID)
+                if uid in sources:
+                    continue
+                frames = source.get("ReferencedFrameNumber")
+                if frames is not None and source["ReferencedFrameNumber"].VM == 1:
+                    frames = [frames]
+                sources[uid] = hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=str(source.ReferencedSOPClassUID),
+                    referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=[int(f) for f in frames] if frames else None,
+                )
+    if not sources:
+        raise ValueError(f"no frame of the segmentation derives from an image for segment {number}")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID),
+        sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=number,
+        source_images=list(sources.values()),
+    )
+
+
 def _segment_groups(
     finding: Finding, segmentation: pydicom.Dataset, algorithm: hd.sr.AlgorithmIdentification
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
@@ -88,7 +131,7 @@ def _segment_groups(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=uids[number], identifier=name),
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, number),
+                referenced_segment=_referenced_segment(segmentation, number),
                 finding_type=terms.type,
                 finding_category=terms.category,
                 finding_sites=[hd.sr.FindingSite(terms.region)],

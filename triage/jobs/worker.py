@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from sqlalchemy import delete, select, update
 from triage.analysis import Analyzer, SeriesFiles, StudyAnalysis
 from triage.db import Database
 from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
+from triage.dicomout.results import eligible, make_results
 from triage.domain import AIStatus, Finding, JobState, SeriesState
 from triage.events import outbox
 from triage.ingest.assembly import complete_quiet_series
@@ -40,8 +41,11 @@ class Worker:
         max_wait_seconds: float | None = None,
         policy: PolicyConfig = DEFAULT_POLICY,
         webhook_kinds: Collection[str] = (),
+        result_destinations: Sequence[str] = (),
     ) -> None:
         self.db = db
+        # Names (AE@host:port) of the destinations each new DICOM result is queued for.
+        self.result_destinations = tuple(result_destinations)
         # Which flagged findings raise a critical_finding event, and which kinds the webhook
         # is to deliver (empty: no webhook).
         self.policy = policy
@@ -155,7 +159,25 @@ class Worker:
         analysis = self.analyzer.analyze(study_uid, self._series_files(study_id))
         self._record(job_id, study_id, analysis)
         log.info("study #%d: ai_status=%s", study_id, analysis.ai_status.value)
+        self._make_dicom_results(study_id, analysis)
         return True
+
+    def _make_dicom_results(self, study_id: int, analysis: StudyAnalysis) -> None:
+        """The DICOM SEG and SR of the findings, after the findings are recorded (the
+        worklist does not wait for them); a failure never fails the analysis."""
+        if not any(eligible(f, analysis.overlays) for f in analysis.findings):
+            return
+        try:
+            make_results(
+                self.db,
+                analysis.StudyInstanceUID,
+                findings=analysis.findings,
+                overlays=analysis.overlays,
+                results_dir=self.results_dir,
+                destinations=self.result_destinations,
+            )
+        except Exception:
+            log.exception("study #%d: DICOM results could not be recorded", study_id)
 
     def _escalates_to_critical(self, f: Finding) -> bool:
         rule = self.policy.findings.get(str(f.finding))

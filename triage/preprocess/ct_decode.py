@@ -44,7 +44,7 @@ try:  # copies an array into an existing image (GetImageFromArray's second half)
 except ImportError:  # pragma: no cover - a SimpleITK without it: GetImageFromArray
     _copy_into_image = None
 
-__all__ = ["Decoder", "decode_to_image", "default_workers"]
+__all__ = ["Decoder", "decode_slice", "decode_to_image", "default_workers"]
 
 Decoder = Literal["gdcm", "pydicom"]
 
@@ -169,6 +169,30 @@ def _decode_run(run: Sequence[Frame], first: int, block: np.ndarray, decoder: De
             _decode_pydicom(item, first + j, block[j])
             np.maximum(block[j], np.float32(HU_AIR), out=block[j])
         _clear_padding(item, block[j])
+
+
+def decode_slice(item: Frame, decoder: Decoder = "gdcm") -> np.ndarray:
+    """Checks and decodes one slice on its own (an image viewer's read), in HU.
+
+    The same path as the series: the compressed frame checked for its end first
+    (``check_streams``), JPEG Lossless by GDCM, the rest by pydicom, rounded once, values
+    below ``HU_AIR`` and pixel padding set to ``HU_AIR``.
+
+    Args:
+        item: The slice, read with its pixel data (``read_slices``).
+        decoder: ``"gdcm"`` or ``"pydicom"``, see the module docstring.
+
+    Returns:
+        float32 (rows, columns) HU.
+
+    Raises:
+        CorruptSliceError: The frame is cut short, cannot be decoded or decodes to another
+            size.
+    """
+    check_streams([item])
+    out = np.empty((1, item.rows, item.columns), dtype=np.float32)
+    _decode_run([item], 0, out, decoder)
+    return out[0]
 
 
 def default_workers() -> int:

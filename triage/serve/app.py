@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -37,7 +38,15 @@ from triage.events.fhir import task_from_item
 from triage.events.publisher import study_item
 from triage.events.visibility import visible, without_patient_identifiers
 from triage.ingest.store import Ingestor
-from triage.serve import admin, docs, security, signin
+from triage.serve import (
+    admin,
+    dicomweb_read,
+    docs,
+    results_routes,
+    security,
+    signin,
+    viewer_routes,
+)
 from triage.serve.auth import (
     SESSION_COOKIE,
     AuthConfig,
@@ -55,7 +64,7 @@ from triage.worklist import feedback, queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-STATIC_SCRIPTS = frozenset({"login.js", "admin.js"})
+STATIC_SCRIPTS = frozenset({"login.js", "admin.js", "viewer.js"})
 
 
 def get_db(request: Request) -> Database:
@@ -142,6 +151,22 @@ async def request_validation_error(request: Request, exc: Exception) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
 
 
+def viewer_url(template: str | None, study: dict[str, Any]) -> str | None:
+    """The study's link into the site's viewer: the template with its identifiers filled in
+    (URL-encoded); None without a template, or when it needs an accession number the study
+    lacks."""
+    if template is None:
+        return None
+    url = template
+    for name in ("StudyInstanceUID", "AccessionNumber"):
+        if "{" + name + "}" in url:
+            value = study.get(name)
+            if not value:
+                return None
+            url = url.replace("{" + name + "}", quote(str(value), safe=""))
+    return url
+
+
 def create_app(
     db: Database,
     *,
@@ -153,6 +178,8 @@ def create_app(
     health_check: Callable[[], HealthReport] | None = None,
     allowed_hosts: Sequence[str] | None = None,
     auth: AuthConfig | None = None,
+    viewer_url_template: str | None = None,
+    viewer_cache_bytes: int = 512 * 1024**2,
 ) -> FastAPI:
     """Build the app around an open (migrated) database.
 
@@ -167,6 +194,10 @@ def create_app(
         allowed_hosts: the ``Host`` names answered (``triage.serve.security``); None: any.
         auth: sessions and directory sign-in (``triage.serve.auth``); None: the defaults,
             local accounts only.
+        viewer_url_template: the site's PACS viewer URL with ``{StudyInstanceUID}`` and/or
+            ``{AccessionNumber}`` (the study document's ``viewer_url``); None: no link.
+        viewer_cache_bytes: memory the image viewer (``/viewer``) keeps of decoded slices
+            and overlays (``triage.viewer``).
     """
     app = FastAPI(title="triage", version=__version__, docs_url=None, redoc_url=None)
     security.install(app, hosts=allowed_hosts, page=STATIC_DIR / "index.html")
@@ -177,6 +208,10 @@ def create_app(
     app.state.auth = auth or AuthConfig()
     app.include_router(signin.router)
     app.include_router(admin.router)
+    app.include_router(results_routes.router)
+    app.include_router(dicomweb_read.router)
+    app.state.viewer_cache_bytes = viewer_cache_bytes
+    app.include_router(viewer_routes.router)
     app.add_exception_handler(RequestValidationError, request_validation_error)
     if ingestor is not None:
         from triage.serve.budget import ByteBudget
@@ -382,6 +417,7 @@ def create_app(
         if doc is None:
             raise HTTPException(status_code=404, detail="unknown StudyInstanceUID")
         audit(request, "study_view", principal=principal, target_kind="study", target=study_uid)
+        doc["viewer_url"] = viewer_url(viewer_url_template, doc)
         return doc
 
     @app.get("/api/studies/{study_uid}/overlays/{finding}.png")
@@ -514,6 +550,11 @@ def create_app(
     def admin_page(request: Request) -> Response:
         """Accounts, tokens and the audit trail (the sections the account may use)."""
         return signed_in_page(request, "admin.html")
+
+    @app.get("/viewer", include_in_schema=False)
+    def viewer_page(request: Request) -> Response:
+        """The image viewer (``/viewer#study=<StudyInstanceUID>``)."""
+        return signed_in_page(request, "viewer.html")
 
     @app.get("/login", include_in_schema=False)
     def login_page() -> FileResponse:

@@ -16,6 +16,7 @@ from triage.auth.ldap import LdapSettings
 from triage.auth.oidc import OidcSettings, Provider
 from triage.config import Settings
 from triage.db import Database
+from triage.dicomout.send import ExportConfig, ResultSender
 from triage.events.publisher import Publisher
 from triage.events.webhook import WebhookConfig, WebhookSender
 from triage.ingest.scp import ScpOptions, start_scp
@@ -67,6 +68,7 @@ class TriageService:
             max_wait_seconds=settings.study_max_wait_seconds,
             policy=policy,
             webhook_kinds=webhook_kinds,
+            result_destinations=[d.name for d in settings.result_destinations],
         )
         self.ingestor = Ingestor.from_settings(settings, self.db)
         stale = remove_stale_parts(settings.incoming_dir)
@@ -96,6 +98,8 @@ class TriageService:
             lease_seconds=settings.claim_lease_seconds,
             health_check=self.health,
             allowed_hosts=hosts,
+            viewer_url_template=settings.viewer_url_template,
+            viewer_cache_bytes=settings.viewer_cache_bytes,
             auth=AuthConfig(
                 session_idle=timedelta(minutes=settings.session_idle_minutes),
                 session_max_age=timedelta(hours=settings.session_max_hours),
@@ -127,6 +131,21 @@ class TriageService:
                     patient_identifiers=settings.webhook_patient_identifiers,
                 ),
             )
+        # DICOM results (SEG, SR) to the configured PACS destinations, retries persisted.
+        self.result_sender: ResultSender | None = None
+        if settings.result_destinations:
+            self.result_sender = ResultSender(
+                self.db,
+                settings.result_destinations,
+                ExportConfig(
+                    calling_ae_title=settings.ae_title,
+                    max_attempts=settings.result_export_max_attempts,
+                    backoff_seconds=settings.result_export_backoff_seconds,
+                    max_backoff_seconds=settings.result_export_backoff_max_seconds,
+                    timeout_seconds=settings.result_export_timeout_seconds,
+                    poll_seconds=settings.result_export_poll_seconds,
+                ),
+            )
         # Read by the SSE route (/api/events): poll and keep-alive intervals, FHIR options,
         # and whether the HTTP server is shutting down (open streams then end).
         self.app.state.events_poll_seconds = settings.events_poll_seconds
@@ -143,8 +162,8 @@ class TriageService:
         return any(server.should_exit for server in self._http_servers)
 
     def start_background(self) -> None:
-        """Start the SCP, the worker, the event publisher and the webhook sender (the HTTP
-        server is started by the caller)."""
+        """Start the SCP, the worker, the event publisher, the webhook sender and the result
+        sender (the HTTP server is started by the caller)."""
         options = ScpOptions.from_settings(self.settings)
         before = set(threading.enumerate())
         self._scp = start_scp(options, self.ingestor)
@@ -159,6 +178,8 @@ class TriageService:
         self.publisher.start()
         if self.webhook is not None:
             self.webhook.start()
+        if self.result_sender is not None:
+            self.result_sender.start()
 
     def _uvicorn(self) -> uvicorn.Server:
         s = self.settings
@@ -213,4 +234,6 @@ class TriageService:
         self.publisher.stop()
         if self.webhook is not None:
             self.webhook.stop()
+        if self.result_sender is not None:
+            self.result_sender.stop()
         self.db.dispose()

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from triage.db import Database
 from triage.db.tables import StudyRow
+from triage.dicomout.index import study_results
 from triage.domain import Finding, ReadState
 from triage.preprocess.routing import regions_from_text
 from triage.worklist import feedback
@@ -189,6 +190,7 @@ def study_detail(db: Database, study_uid: str) -> dict[str, Any] | None:
             for se in study.series
         ]
         doc["overlays"] = [f.finding for f in study.findings if f.mask_path is not None]
+        doc["dicom_results"] = study_results(s, study.id, study.StudyInstanceUID)
     records = feedback.list_feedback(db, study_uid) or []
     doc["feedback"] = feedback.latest_by_reader(records)
     return doc

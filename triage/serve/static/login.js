@@ -1,4 +1,10 @@
 "use strict";
+// Where to go after signing in: a page of this server named by ?next= (only a path here:
+// never another site), else the worklist.
+function backTo() {
+  const next = new URLSearchParams(location.search).get("next") || "/";
+  return /^\/[A-Za-z0-9_\-\/]*$/.test(next) && !next.startsWith("//") ? next : "/";
+}
 // Why the single sign-on came back here (/login?error=...).
 const SSO_PROBLEMS = {
   bad_state: "The sign-in expired or was started elsewhere: try again.",
@@ -18,7 +24,7 @@ fetch("/api/auth/methods", {cache: "no-store"}).then(res => res.json()).then(met
   if (methods.oidc) {
     const link = document.getElementById("sso-link");
     link.textContent = `Sign in with ${methods.oidc.name}`;
-    link.href = `${methods.oidc.start}?next=${encodeURIComponent("/" + location.hash)}`;
+    link.href = `${methods.oidc.start}?next=${encodeURIComponent(backTo() + location.hash)}`;
     document.getElementById("sso").hidden = false;
   }
 }).catch(() => {});
@@ -38,7 +44,7 @@ document.getElementById("login").addEventListener("submit", async (event) => {
         password: document.getElementById("password").value,
       }),
     });
-    if (res.ok) { location.href = "/" + location.hash; return; }
+    if (res.ok) { location.href = backTo() + location.hash; return; }
     let detail = `sign-in failed (${res.status})`;
     try { detail = (await res.json()).detail || detail; } catch (e) { /* not JSON */ }
     problem.textContent = typeof detail === "string" ? detail : "username and password are needed";

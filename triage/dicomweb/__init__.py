@@ -1,0 +1,1 @@
+"""DICOMweb read side: QIDO-RS search (``query``) and WADO-RS retrieve (``retrieve``)."""
