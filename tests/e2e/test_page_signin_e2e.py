@@ -188,6 +188,13 @@ def test_radiologist_signs_in_claims_and_signs_out(server: ServerProcess, tmp_pa
         (ack,) = audit(server, actor=READER, action="acknowledge")
         assert ack["target"] == URGENT and ack["outcome"] == "success"
         assert ack["detail"] == {"finding": "intracranial_haemorrhage"}
+        # Acknowledged on the server: a fresh load of the page (another tab, another
+        # reader's screen) raises no banner for it, and the study says who acknowledged it.
+        browser.navigate(f"{base}/")
+        assert browser.evaluate("document.querySelectorAll('#alerts .alert').length") == 0
+        browser.click(f'tr.item[data-uid="{URGENT}"]')
+        acked = browser.text('li[data-finding="intracranial_haemorrhage"] .acked') or ""
+        assert acked.startswith(f"alert acknowledged by {READER}"), acked
 
         # Claim the routine study from its detail pane.
         browser.click(f'tr.item[data-uid="{ROUTINE}"]')

@@ -58,6 +58,9 @@ class StudyRow(Base):
     findings: Mapped[list[FindingRow]] = relationship(
         back_populates="study", order_by="FindingRow.id", cascade="all, delete-orphan"
     )
+    acknowledgements: Mapped[list[AcknowledgementRow]] = relationship(
+        order_by="AcknowledgementRow.id"
+    )
 
 
 class SeriesRow(Base):
@@ -128,6 +131,20 @@ class FindingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[StudyRow] = relationship(back_populates="findings")
+
+
+class AcknowledgementRow(Base):
+    """A reader acknowledged a critical-finding alert of a study: who, which finding, when.
+    Kept for the record (the page shows it and raises no banner for it again); also in the
+    audit trail."""
+
+    __tablename__ = "acknowledgements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    reader: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class FeedbackRow(Base):

@@ -60,7 +60,7 @@ from triage.serve.auth import (
     signed_in_now,
 )
 from triage.serve.health import HealthReport
-from triage.worklist import feedback, queue, service
+from triage.worklist import acknowledgements, feedback, queue, service
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -292,16 +292,11 @@ def create_app(
         study_uid: str, body: AcknowledgeRequest, principal: Claim, db: DB, request: Request
     ) -> dict[str, Any]:
         """Acknowledge a critical-finding alert: the signed-in reader has seen that the AI
-        flagged ``finding`` on this study. Recorded in the audit trail (who, when, which
-        study and finding); 404 when the study has no such finding."""
-        with db.session() as s:
-            found = s.scalar(
-                select(FindingRow.id)
-                .join(StudyRow, StudyRow.id == FindingRow.study_id)
-                .where(StudyRow.StudyInstanceUID == study_uid, FindingRow.finding == body.finding)
-                .limit(1)
-            )
-        if found is None:
+        flagged ``finding`` on this study. Kept with who and when (the worklist and study
+        documents list it under ``acknowledged``; the page raises no banner for it again)
+        and recorded in the audit trail; 404 when the study has no such finding."""
+        kept = acknowledgements.acknowledge(db, study_uid, body.finding, principal.username)
+        if kept is None:
             raise HTTPException(status_code=404, detail="no such finding on this study")
         record = audit(
             request,
@@ -314,7 +309,8 @@ def create_app(
         return {
             "StudyInstanceUID": study_uid,
             "finding": body.finding,
-            "acknowledged_by": principal.username,
+            "acknowledged_by": kept["by"],
+            "acknowledged_at": kept["at"],
             "audit_record": record,
         }
 

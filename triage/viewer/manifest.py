@@ -150,6 +150,7 @@ def build_manifest(
         "read_state": study.read_state,
         "claimed_by": study.claimed_by,
         "findings": [dict(f.payload) for f in study.findings],
+        "acknowledged": list(study.acknowledged),
         "series": [_series_json(entry) for entry in series],
         "series_unavailable": [
             {"SeriesInstanceUID": uid, "reason": reason} for uid, reason in series_unavailable

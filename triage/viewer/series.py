@@ -27,10 +27,11 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 
 from triage.db import Database
-from triage.db.tables import FindingRow, InstanceRow, SeriesRow, StudyRow
+from triage.db.tables import AcknowledgementRow, FindingRow, InstanceRow, SeriesRow, StudyRow
 from triage.preprocess.ct_geometry import sort_along_normal
 from triage.preprocess.ct_headers import image_slices, read_headers
 from triage.preprocess.errors import PreprocessError
+from triage.worklist import acknowledgements
 
 __all__ = [
     "CT_DEFAULT_WINDOW",
@@ -91,6 +92,7 @@ class StudyIndex:
     routing: dict[str, Any] | None
     findings: tuple[FindingRecord, ...]
     series: dict[str, SeriesRecord]
+    acknowledged: tuple[dict[str, Any], ...] = ()
 
     @property
     def analysed(self) -> list[str]:
@@ -138,7 +140,13 @@ def load_study(db: Database, study_uid: str) -> StudyIndex | None:
         findings = s.scalars(
             select(FindingRow).where(FindingRow.study_id == study.id).order_by(FindingRow.id)
         ).all()
+        acks = s.scalars(
+            select(AcknowledgementRow)
+            .where(AcknowledgementRow.study_id == study.id)
+            .order_by(AcknowledgementRow.id)
+        ).all()
         return StudyIndex(
+            acknowledged=tuple(acknowledgements.acknowledged(acks)),
             id=study.id,
             StudyInstanceUID=study.StudyInstanceUID,
             StudyDescription=study.StudyDescription,

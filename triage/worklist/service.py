@@ -14,7 +14,7 @@ from triage.db.tables import StudyRow
 from triage.dicomout.index import study_results
 from triage.domain import Finding, ReadState
 from triage.preprocess.routing import regions_from_text
-from triage.worklist import feedback
+from triage.worklist import acknowledgements, feedback
 from triage.worklist.priority import (
     DEFAULT_POLICY,
     POLICY_VERSION,
@@ -90,11 +90,16 @@ def _study_summary(study: StudyRow) -> dict[str, Any]:
         "claim_expires_at": _iso(study.claim_expires_at),
         "completed_by": study.completed_by,
         "completed_at": _iso(study.completed_at),
+        "acknowledged": acknowledgements.acknowledged(study.acknowledgements),
     }
 
 
 def _load_studies(s: Session, *, include_completed: bool = False) -> list[StudyRow]:
-    stmt = select(StudyRow).options(selectinload(StudyRow.series), selectinload(StudyRow.findings))
+    stmt = select(StudyRow).options(
+        selectinload(StudyRow.series),
+        selectinload(StudyRow.findings),
+        selectinload(StudyRow.acknowledgements),
+    )
     if not include_completed:
         stmt = stmt.where(StudyRow.read_state != ReadState.completed)
     return list(s.scalars(stmt).all())
@@ -171,7 +176,11 @@ def study_detail(db: Database, study_uid: str) -> dict[str, Any] | None:
         stmt = (
             select(StudyRow)
             .where(StudyRow.StudyInstanceUID == study_uid)
-            .options(selectinload(StudyRow.series), selectinload(StudyRow.findings))
+            .options(
+                selectinload(StudyRow.series),
+                selectinload(StudyRow.findings),
+                selectinload(StudyRow.acknowledgements),
+            )
         )
         study = s.scalar(stmt)
         if study is None:

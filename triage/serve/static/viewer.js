@@ -59,7 +59,7 @@ const view = {
   doc: null,            // GET /api/studies/{uid}/viewer
   critical: new Set(),  // finding codes the site's policy calls critical
   feedback: [],         // each reader's latest judgement (GET .../feedback "latest")
-  acknowledged: new Set(),
+  acknowledged: new Map(),  // finding -> who acknowledged it, and when (from the server)
   series: null,         // the series shown (an element of doc.series)
   index: 0,             // slice index in display order
   window: {center: 40, width: 80},
@@ -530,7 +530,9 @@ function findingItem(f) {
   }
   if (critical) {
     if (view.acknowledged.has(f.finding)) {
-      actions.append(el("span", {class: "acked"}, `acknowledged${me ? " by " + me.username : ""}`));
+      const ack = view.acknowledged.get(f.finding);
+      actions.append(el("span", {class: "acked"},
+          `acknowledged by ${ack.by} ${String(ack.at || "").slice(0, 16).replace("T", " ")}`));
     } else {
       const ack = el("button", {type: "button", class: "ack"}, "Acknowledge");
       ack.onclick = () => acknowledge(f.finding, ack);
@@ -544,7 +546,8 @@ async function acknowledge(code, button) {
   const res = await api(`/api/studies/${encodeURIComponent(view.uid)}/acknowledge`,
                         {method: "POST", body: JSON.stringify({finding: code})});
   if (!res.ok) { $("message").textContent = await problem(res); button.disabled = false; return; }
-  view.acknowledged.add(code);
+  const kept = await res.json();
+  view.acknowledged.set(code, {by: kept.acknowledged_by, at: kept.acknowledged_at});
   showFindings();
 }
 
@@ -740,6 +743,7 @@ async function start() {
   const res = await api(`/api/studies/${encodeURIComponent(view.uid)}/viewer`);
   if (!res.ok) { fail(res.status === 404 ? "No such study, or nothing to show." : await problem(res)); return; }
   view.doc = await res.json();
+  for (const ack of view.doc.acknowledged || []) { view.acknowledged.set(ack.finding, ack); }
   view.opacity = Number($("opacity").value) / 100;
   showHeader();
   await Promise.all([loadCritical(), loadFeedback()]);
