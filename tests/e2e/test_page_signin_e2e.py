@@ -26,6 +26,7 @@ from tests.e2e.test_page_findings_e2e import (
     labels_overlay,
     route,
 )
+from tests.serve.test_access import seed_dicom_result
 from triage.auth.accounts import create_account
 from triage.auth.roles import Role
 from triage.db import Database
@@ -77,6 +78,7 @@ def seed(server: ServerProcess) -> None:
             overlays={},
         )
         create_account(db, READER, Role.radiologist, password=PASSWORD, display_name=DISPLAY_NAME)
+        seed_dicom_result(db, results, URGENT)  # an SR waiting for an unconfigured PACS
     finally:
         db.dispose()
 
@@ -195,6 +197,9 @@ def test_radiologist_signs_in_claims_and_signs_out(server: ServerProcess, tmp_pa
         browser.click(f'tr.item[data-uid="{URGENT}"]')
         acked = browser.text('li[data-finding="intracranial_haemorrhage"] .acked') or ""
         assert acked.startswith(f"alert acknowledged by {READER}"), acked
+        # The study's DICOM results, and where each stands with the PACS.
+        result = browser.text('#dicom-results li[data-kind="sr"]') or ""
+        assert "Measurement report (SR)" in result and "PACS@192.0.2.1:104: pending" in result
 
         # Claim the routine study from its detail pane.
         browser.click(f'tr.item[data-uid="{ROUTINE}"]')
