@@ -258,7 +258,12 @@ class Browser:
                 return dict(message)
             if "method" in message:
                 self._events.append(message)
-                del self._events[:-1000]  # only recent events are of interest
+                if len(self._events) > 1000:  # only recent events are of interest, but a
+                    # navigation is kept however many network events follow it (a page
+                    # fetching hundreds of images would push it out)
+                    old = self._events[:-1000]
+                    del self._events[:-1000]
+                    self._events[:0] = [e for e in old if e["method"] == "Page.frameNavigated"]
 
     def _note(self, message: dict[str, Any]) -> None:
         """Keep what the page wrote to its console or log."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from PIL import Image
 from sqlalchemy import select
@@ -43,6 +44,7 @@ from tests.e2e.viewer_seed import (
     HeadSeries,
     Heat,
     analyse,
+    blob_haemorrhage,
     chest,
     haemorrhage,
     heat_peak_pixel,
@@ -540,5 +542,57 @@ def test_a_slice_that_cannot_be_decoded_says_why(server: ServerProcess, tmp_path
         key(browser, "ArrowDown")
         assert browser.text("#corner-tr") == label(browser)  # the next one is drawn
         assert browser.evaluate("window.viewerLastRenderMs") is not None
+    finally:
+        browser.close()
+
+
+def test_real_head_ct_in_the_viewer(server: ServerProcess, cq500_dir: Path, tmp_path: Path) -> None:
+    """The real head CT (238 slices of 512², JPEG lossless) in the viewer, with a made-up
+    haemorrhage overlay laid on its real geometry: the best slice shows the overlay colour,
+    toggling hides it; the screenshot is kept (viewer-real-ct.png)."""
+    files = sorted(p for p in cq500_dir.rglob("*") if p.is_file())
+    stow(server, files)
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    analyse(server, uid, blob_haemorrhage())
+    doc = manifest(server, uid)
+    (series,) = doc["series"]
+    assert len(series["slices"]) == len(files)
+    assert (series["rows"], series["columns"]) == (512, 512)
+    (overlay,) = series["overlays"]
+    (iph,) = [c for c in overlay["classes"] if c["name"] == "IPH"]
+    best = iph["best_index"]
+    browser = open_browser(server, tmp_path / "chrome")
+    try:
+        browser.click(f'tr.item[data-uid="{uid}"]')
+        browser.act(
+            "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}))", navigates=True
+        )
+        assert browser.url() == f"{server.http_url}/viewer#study={uid}"
+        for _ in range(10):  # 238 slices: a budget or more of loading
+            if browser.evaluate("viewer.state().loaded") == len(files):
+                break
+            browser.settle()
+        assert browser.evaluate("viewer.state().loaded") == len(files)
+        browser.evaluate(f"viewer.setSlice({best})")
+        browser.settle()
+        number = series["slices"][best]["InstanceNumber"]
+        assert label(browser).startswith(f"Im {number} ("), label(browser)
+
+        box = browser.evaluate(
+            "(r => [r.left, r.top, r.right, r.bottom])"
+            "(document.getElementById('canvas').getBoundingClientRect())"
+        )
+
+        def coloured(image: Image.Image) -> int:
+            """Pixels of the image where red clearly dominates (the IPH colour over grey)."""
+            pixels = image.crop(tuple(round(v) for v in box)).getdata()
+            return sum(1 for r, g, b in pixels if r > g + 40 and r > b + 40)
+
+        with_overlay = coloured(shot(browser, "viewer-real-ct.png"))
+        key(browser, "o")
+        without = coloured(shot(browser, "viewer-real-ct-overlay-off.png"))
+        assert with_overlay > 2000, with_overlay  # a 15 mm ball, drawn
+        assert without < with_overlay / 20, (with_overlay, without)
+        assert page_errors(browser) == []
     finally:
         browser.close()
