@@ -350,7 +350,7 @@ def test_critical_ct_in_the_viewer(server: ServerProcess, heads: Heads, tmp_path
         views = audit(server, actor=READER, action="study_view", target=uid)
         assert any(v["detail"] == {"viewer": True} for v in views), views
 
-        # The reader's view of the study, kept as an artefact (and in docs/images).
+        # The reader's view of the study, kept as an artefact.
         shot(browser, "viewer-ct.png")
         assert page_errors(browser) == []
     finally:
