@@ -73,10 +73,12 @@ class ExportState(enum.StrEnum):
 
 
 class DicomResultKind(enum.StrEnum):
-    """What a DICOM result object is: a Segmentation, or a TID 1500 measurement report."""
+    """What a DICOM result object is: a Segmentation, a TID 1500 measurement report, or a
+    Secondary Capture of a radiograph with the model's saliency map on it."""
 
     seg = "seg"
     sr = "sr"
+    sc = "sc"
 
 
 class Severity(enum.StrEnum):

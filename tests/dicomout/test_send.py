@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
     generate_uid,
 )
@@ -31,7 +32,7 @@ from triage.config import ResultDestination, Settings
 from triage.db import Database
 from triage.db.tables import DicomResultRow, ResultExportRow, StudyRow
 from triage.dicomout.index import NewResult, replace_results
-from triage.dicomout.send import ExportConfig, ResultSender, backoff
+from triage.dicomout.send import SOP_CLASSES, ExportConfig, ResultSender, backoff
 from triage.domain import DicomResultKind
 from triage.serve.launcher import free_port
 
@@ -44,11 +45,16 @@ FAST = ExportConfig(backoff_seconds=0.01, max_backoff_seconds=0.05, timeout_seco
 
 @dataclass
 class Store:
-    """A pynetdicom storage SCP for SEG and Comprehensive 3D SR on 127.0.0.1."""
+    """A pynetdicom storage SCP for SEG, Comprehensive 3D SR and Secondary Capture on
+    127.0.0.1."""
 
     port: int = field(default_factory=free_port)
     statuses: list[int] = field(default_factory=list)  # answered in turn, then 0x0000
-    sop_classes: Sequence[str] = (SegmentationStorage, Comprehensive3DSRStorage)
+    sop_classes: Sequence[str] = (
+        SegmentationStorage,
+        Comprehensive3DSRStorage,
+        SecondaryCaptureImageStorage,
+    )
     hold: threading.Event | None = None  # each C-STORE waits for it when set
     received: list[tuple[str, str, int]] = field(default_factory=list)  # (SOP UID, AE, assoc)
     arrived: threading.Event = field(default_factory=threading.Event)
@@ -101,9 +107,16 @@ class Store:
 # --- results in the index ---------------------------------------------------------------
 
 
+_SOP_CLASS = {
+    DicomResultKind.seg: SegmentationStorage,
+    DicomResultKind.sr: Comprehensive3DSRStorage,
+    DicomResultKind.sc: SecondaryCaptureImageStorage,
+}
+
+
 def _file(path: Path, kind: DicomResultKind) -> NewResult:
     """A small Part 10 file of the result's SOP class (the sender never decodes it)."""
-    sop_class = SegmentationStorage if kind == DicomResultKind.seg else Comprehensive3DSRStorage
+    sop_class = _SOP_CLASS[kind]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -128,10 +141,16 @@ def _file(path: Path, kind: DicomResultKind) -> NewResult:
     )
 
 
-def seed(db: Database, folder: Path, destinations: Sequence[str]) -> list[NewResult]:
-    """A study with a SEG and an SR result, each queued for ``destinations``."""
+def seed(
+    db: Database,
+    folder: Path,
+    destinations: Sequence[str],
+    kinds: Sequence[DicomResultKind] = (DicomResultKind.seg, DicomResultKind.sr),
+) -> list[NewResult]:
+    """A study with a result of each of ``kinds`` (a SEG and an SR), each queued for
+    ``destinations``."""
     now = datetime.now(UTC)
-    results = [_file(folder / f"{k.value}.dcm", k) for k in DicomResultKind]
+    results = [_file(folder / f"{k.value}.dcm", k) for k in kinds]
     with db.session() as s:
         study_id = s.scalar(
             insert(StudyRow)
@@ -215,6 +234,20 @@ def test_results_are_sent_once_over_one_association(
         assert (record["target_kind"], record["target"]) == ("study", STUDY_UID)
         assert record["detail"]["destination"] == store.destination.name
         assert record["detail"]["SOPInstanceUID"] == result.SOPInstanceUID
+
+
+def test_a_secondary_capture_is_proposed_and_sent(
+    db: Database, tmp_path: Path, store: Store
+) -> None:
+    assert SOP_CLASSES == (
+        SegmentationStorage,
+        Comprehensive3DSRStorage,
+        SecondaryCaptureImageStorage,
+    )
+    (sc,) = seed(db, tmp_path, [store.destination.name], kinds=[DicomResultKind.sc])
+    assert ResultSender(db, [store.destination], FAST).send_due() == 1
+    assert [uid for uid, _, _ in store.received] == [sc.SOPInstanceUID]
+    assert {(r.state, r.attempts) for r in exports(db)} == {("sent", 1)}
 
 
 def test_an_unreachable_destination_backs_off_and_a_new_sender_resumes(

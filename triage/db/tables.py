@@ -172,9 +172,10 @@ class FeedbackRow(Base):
 
 
 class DicomResultRow(Base):
-    """A DICOM object the AI made for a study (``triage.dicomout.results``): a Segmentation
-    or a TID 1500 report, its UIDs and where its file is kept. A new analysis of the study by
-    the same model replaces the model's rows (new objects, new UIDs)."""
+    """A DICOM object the AI made for a study (``triage.dicomout.results``): a Segmentation,
+    a TID 1500 report or a saliency Secondary Capture, its UIDs and where its file is kept. A
+    new analysis of the study by the same model replaces the model's rows (new objects, new
+    UIDs)."""
 
     __tablename__ = "dicom_results"
 

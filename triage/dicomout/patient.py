@@ -9,9 +9,17 @@ did not say how, rather than invent a method.
 
 from __future__ import annotations
 
+import re
+
 import pydicom
 
-__all__ = ["COPIED_TYPE2", "METHOD_NOT_STATED", "complete_deidentification", "complete_type2"]
+__all__ = [
+    "COPIED_TYPE2",
+    "METHOD_NOT_STATED",
+    "complete_deidentification",
+    "complete_type2",
+    "drop_invalid_age",
+]
 
 METHOD_NOT_STATED = "Not stated by the source images"
 """DeidentificationMethod of an output whose de-identified sources do not name theirs."""
@@ -48,3 +56,14 @@ def complete_type2(ds: pydicom.Dataset) -> None:
     for keyword in COPIED_TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, "")
+
+
+_AGE = re.compile(r"\d{3}[DWMY]")
+
+
+def drop_invalid_age(ds: pydicom.Dataset) -> None:
+    """Removes PatientAge (Type 3 where the outputs carry it) when it is not an Age String
+    (``nnnD``, ``nnnW``, ``nnnM`` or ``nnnY``): some sources write ``62``, and the unit is not
+    guessed."""
+    if "PatientAge" in ds and not _AGE.fullmatch(str(ds.PatientAge or "")):
+        del ds.PatientAge

@@ -5,8 +5,9 @@ Each result has one export row per destination (``result_exports``, queued in th
 transaction that indexed the result, :mod:`triage.dicomout.index`), so the delivery state
 survives restarts. Every round (``poll_seconds``) the sender takes the due exports (``pending``,
 next attempt due), groups them by destination and opens one association per destination
-(our AE title as calling AE; Segmentation Storage and Comprehensive 3D SR Storage, each with
-Explicit VR Little Endian, the files' encoding), stores each file and records the outcome:
+(our AE title as calling AE; Segmentation Storage, Comprehensive 3D SR Storage and Secondary
+Capture Image Storage, each with Explicit VR Little Endian, the files' encoding), stores each
+file and records the outcome:
 
 * Success or Warning status: ``sent`` (with the time); audited as ``export`` (actor
   ``triage-export``, the study as target, the destination and SOPInstanceUID as detail).
@@ -37,7 +38,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SegmentationStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
@@ -53,7 +59,11 @@ __all__ = ["ExportConfig", "ResultSender", "SOP_CLASSES", "backoff", "tls_contex
 
 log = logging.getLogger(__name__)
 
-SOP_CLASSES: tuple[str, ...] = (str(SegmentationStorage), str(Comprehensive3DSRStorage))
+SOP_CLASSES: tuple[str, ...] = (
+    str(SegmentationStorage),
+    str(Comprehensive3DSRStorage),
+    str(SecondaryCaptureImageStorage),
+)
 """The storage classes proposed: what :mod:`triage.dicomout.results` makes."""
 
 AUDIT_ACTOR = "triage-export"

@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, update
 from triage.analysis import Analyzer, SeriesFiles, StudyAnalysis
 from triage.db import Database
 from triage.db.tables import FindingRow, InstanceRow, JobRow, SeriesRow, StudyRow
-from triage.dicomout.results import eligible, make_results
+from triage.dicomout.results import make_results
 from triage.domain import AIStatus, Finding, JobState, SeriesState
 from triage.events import outbox
 from triage.ingest.assembly import complete_quiet_series
@@ -163,9 +163,11 @@ class Worker:
         return True
 
     def _make_dicom_results(self, study_id: int, analysis: StudyAnalysis) -> None:
-        """The DICOM SEG and SR of the findings, after the findings are recorded (the
-        worklist does not wait for them); a failure never fails the analysis."""
-        if not any(eligible(f, analysis.overlays) for f in analysis.findings):
+        """The DICOM SEG and SR, or saliency Secondary Captures, of the findings, after the
+        findings are recorded (the worklist does not wait for them); a failure never fails
+        the analysis. Called for every analysis with findings, also when none is eligible:
+        the models' earlier results of the study then go."""
+        if not analysis.findings:
             return
         try:
             make_results(
