@@ -3,7 +3,9 @@ finding's overlay on one slice (``triage.viewer`` does the work; these routes ar
 
 Pixel and overlay bodies are raw little-endian arrays, row-major, sent gzip-compressed
 (``Content-Encoding: gzip``, level 1) with their size and type in ``X-Rows``, ``X-Columns``
-and ``X-Pixel-Type``; the browser may keep them an hour (``Cache-Control: private``). The
+and ``X-Pixel-Type``; the browser keeps no copy to reuse unasked (``Cache-Control: private,
+no-cache``): a re-analysis replaces an overlay, and a resent instance may replace a slice,
+under the same URL (the page holds what it fetched in memory while it is open). The
 routes are plain functions, so FastAPI runs the file reads and decoding in its threadpool.
 """
 
@@ -21,7 +23,7 @@ from triage.viewer import DEFAULT_CACHE_BYTES, SliceBody, Viewer, ViewerError
 router = APIRouter(tags=["viewer"])
 
 OCTET_STREAM: Final[str] = "application/octet-stream"
-CACHE_CONTROL: Final[str] = "private, max-age=3600"
+CACHE_CONTROL: Final[str] = "private, no-cache"
 _BINARY: Final[dict[int | str, dict[str, Any]]] = {
     200: {
         "content": {OCTET_STREAM: {}},
