@@ -260,3 +260,61 @@ def test_a_head_ct_analysed_by_blast_ct_reaches_the_pacs_as_seg_and_sr(
         assert patient_name and patient_name not in server.log()  # nor any warning
     stored = in_orthanc(orthanc)
     assert stored[kinds["seg"]]["Modality"] == "SEG" and stored[kinds["sr"]]["Modality"] == "SR"
+
+
+def test_the_real_head_ct_results_reach_the_pacs(
+    db: Database, tmp_path: Path, orthanc: OrthancProcess, cq500_dir: Path
+) -> None:
+    """The SEG and SR made from the real head CT (238 slices; a made-up bleed laid on its
+    real grid, the network not run) are received by Orthanc and read back by highdicom."""
+    import highdicom as hd
+    import numpy as np
+
+    from tests.dicomout.builders import model_output
+    from tests.dicomout.stored import MODEL
+    from triage.domain import Finding
+    from triage.ingest.store import ingest_instance
+    from triage.preprocess.ct import prepare_head_ct
+
+    files = sorted(p for p in cq500_dir.rglob("*") if p.is_file())
+    (tmp_path / "incoming").mkdir()
+    for path in files:
+        outcome = ingest_instance(
+            path.read_bytes(),
+            db=db,
+            store_dir=tmp_path / "dicom",
+            tmp_dir=tmp_path / "incoming",
+            quarantine_dir=tmp_path / "quarantine",
+            source="test",
+        )
+        assert outcome.ok, outcome.reason
+    prepared = prepare_head_ct(files)
+    labels = np.zeros(prepared.hu.shape, dtype=np.uint8)
+    middle = np.argwhere(prepared.head_mask).mean(axis=0).astype(int)
+    z, y, x = middle
+    labels[z - 5 : z + 5, y - 8 : y + 8, x - 8 : x + 8] = 1  # IPH
+    overlay, finding = model_output(prepared, labels, prepared.SeriesInstanceUID)
+    finding = Finding(**{**vars(finding), "model": MODEL})
+    study = StoredStudy(
+        StudyInstanceUID=prepared.StudyInstanceUID,
+        SeriesInstanceUID=prepared.SeriesInstanceUID,
+        source_uids=frozenset(),
+        overlay=overlay,
+        finding=finding,
+    )
+    orthanc.start()
+    seg_uid, sr_uid = make(db, tmp_path, study, destination(orthanc).name)
+    sender = ResultSender(db, [destination(orthanc)], CONFIG)
+    sender.start()
+    try:
+        assert wait_until(lambda: {e.state for e in exports(db).values()} == {"sent"}, 120)
+    finally:
+        sender.stop()
+    stored = in_orthanc(orthanc)
+    assert set(stored) == {seg_uid, sr_uid}
+    assert (stored[seg_uid]["Modality"], stored[sr_uid]["Modality"]) == ("SEG", "SR")
+    with db.session() as s:
+        path = s.scalar(select(DicomResultRow.path).where(DicomResultRow.SOPInstanceUID == seg_uid))
+    seg = hd.seg.segread(path)
+    assert seg.StudyInstanceUID == prepared.StudyInstanceUID
+    assert seg.number_of_segments == 1
