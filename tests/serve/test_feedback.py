@@ -122,7 +122,7 @@ def test_a_finding_the_ai_can_miss_without_reporting_it(site: Site) -> None:
     ("body", "status"),
     [
         ({"finding": "pneumothorax", "verdict": "agree"}, 404),  # not reported
-        ({"finding": "Bad Code!", "verdict": "agree"}, 400),
+        ({"finding": "Bad Code!", "verdict": "agree"}, 422),
         ({"finding": FINDING, "verdict": "maybe"}, 422),
         ({"finding": FINDING, "verdict": "agree", "comment": "x" * 2001}, 422),
         ({"finding": FINDING, "verdict": "agree", "comment": "bell\x07"}, 400),

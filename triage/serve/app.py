@@ -102,25 +102,29 @@ class ClaimRequest(BaseModel):
         return value
 
 
+FINDING_CODE = r"^[a-z][a-z0-9_]{0,63}$"
+"""A finding's code (``intracranial_haemorrhage``): anything else is refused with 422 before
+it reaches the database (PostgreSQL refuses NUL in text, and no code holds one)."""
+UID = r"^[0-9][0-9.]{0,63}$"
+
+
 class AcknowledgeRequest(BaseModel):
     finding: str = Field(
-        min_length=1,
-        max_length=64,
-        description="The flagged finding, e.g. intracranial_haemorrhage.",
+        pattern=FINDING_CODE, description="The flagged finding, e.g. intracranial_haemorrhage."
     )
 
 
 class FeedbackRequest(BaseModel):
     """A judgement of one AI finding; the reader is the signed-in account."""
 
-    finding: str = Field(max_length=64, description="The finding's code.")
+    finding: str = Field(pattern=FINDING_CODE, description="The finding's code.")
     verdict: FeedbackVerdict
     comment: str | None = Field(default=None, max_length=feedback.MAX_COMMENT)
     model: str | None = Field(
         default=None, max_length=64, description="Which model's finding, when several reported it."
     )
     SOPInstanceUID: str | None = Field(
-        default=None, max_length=64, description="missed: the image where the reader sees it."
+        default=None, pattern=UID, description="missed: the image where the reader sees it."
     )
     InstanceNumber: int | None = Field(
         default=None, ge=0, le=2**31 - 1, description="missed: the slice number the reader saw."
