@@ -21,6 +21,8 @@ from triage.db import Database
 from triage.serve.auth import ManageAccounts, ReadAudit, audit
 
 router = APIRouter(tags=["administration"])
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+"""Filters hold no control characters (PostgreSQL cannot compare text holding NUL)."""
 
 
 class NewAccount(BaseModel):
@@ -137,7 +139,7 @@ def change_account(
 def list_tokens(
     principal: ManageAccounts,
     request: Request,
-    username: Annotated[str | None, Query(max_length=64)] = None,
+    username: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
 ) -> dict[str, Any]:
     """API tokens (never the token itself: its first characters), of one account or all."""
     return {"tokens": [t.as_dict() for t in tokens.list_tokens(_db(request), username)]}
@@ -186,9 +188,9 @@ def revoke_token(token_id: int, principal: ManageAccounts, request: Request) -> 
 async def list_audit(
     principal: ReadAudit,
     request: Request,
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=32)] = None,
-    target: Annotated[str | None, Query(max_length=128)] = None,
+    actor: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
+    action: Annotated[str | None, Query(max_length=32, pattern=PRINTABLE)] = None,
+    target: Annotated[str | None, Query(max_length=128, pattern=PRINTABLE)] = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
