@@ -25,6 +25,7 @@ from fastapi.responses import (
 )
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 
 from triage import __version__
 from triage.audit.chain import Outcome
@@ -155,6 +156,15 @@ async def request_validation_error(request: Request, exc: Exception) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
 
 
+async def database_refused_value(request: Request, exc: Exception) -> JSONResponse:
+    """400 for a request value the database cannot store or compare (PostgreSQL refuses
+    text holding NUL), wherever a route let one through: the client's mistake, not a 500."""
+    return JSONResponse(
+        status_code=400,
+        content={"detail": "a value in the request cannot be used (control characters?)"},
+    )
+
+
 def viewer_url(template: str | None, study: dict[str, Any]) -> str | None:
     """The study's link into the site's viewer: the template with its identifiers filled in
     (URL-encoded); None without a template, or when it needs an accession number the study
@@ -217,6 +227,7 @@ def create_app(
     app.state.viewer_cache_bytes = viewer_cache_bytes
     app.include_router(viewer_routes.router)
     app.add_exception_handler(RequestValidationError, request_validation_error)
+    app.add_exception_handler(DataError, database_refused_value)
     if ingestor is not None:
         from triage.serve.budget import ByteBudget
         from triage.serve.dicomweb import stow_router
