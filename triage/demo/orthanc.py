@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from triage.serve.launcher import free_port
+from triage.serve.launcher import free_port, stop_child
 
 __all__ = [
     "DEFAULT_EXECUTABLE",
@@ -132,14 +132,8 @@ class OrthancProcess:
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL after 30 s)."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_child(self.proc, grace_s=30)
         self.proc = None
 
     @property

@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -227,16 +226,11 @@ def audit(
     )
 
 
-async def audit_async(request: Request, action: str, **kwargs: Any) -> int:
-    return await run_in_threadpool(lambda: audit(request, action, **kwargs))
-
-
 SignedIn = Annotated[Principal, Depends(require(None))]
 ViewPatients = Annotated[Principal, Depends(require(Permission.view_patients))]
 Claim = Annotated[Principal, Depends(require(Permission.claim))]
 Review = Annotated[Principal, Depends(require(Permission.review))]
 ViewEvents = Annotated[Principal, Depends(require(Permission.view_events))]
 ViewQuarantine = Annotated[Principal, Depends(require(Permission.view_quarantine))]
-Ingest = Annotated[Principal, Depends(require(Permission.ingest))]
 ManageAccounts = Annotated[Principal, Depends(require(Permission.manage_accounts))]
 ReadAudit = Annotated[Principal, Depends(require(Permission.read_audit))]

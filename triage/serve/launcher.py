@@ -21,6 +21,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_child(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after ``grace_s`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class ServerProcess:
     """A ``triage serve`` subprocess with its own data directory and free ports.
 
@@ -167,14 +177,8 @@ class ServerProcess:
         return None
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_child(self.proc, grace_s=15)
         self.proc = None
 
     def __enter__(self) -> ServerProcess:
