@@ -9,7 +9,7 @@ import socket
 import sys
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.text import Text
 from triage.config import Settings
 
 if TYPE_CHECKING:
+    from triage.analysis import SeriesFiles, StudyAnalysis
     from triage.db import Database
 
 app = typer.Typer(
@@ -192,6 +193,7 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     _setup_logging(verbose)
     from triage.auth.ldap import LdapConfigError
     from triage.auth.oidc import OidcConfigError
+    from triage.models.mlflow_registry import RegistryError
     from triage.models.spec import SpecError
     from triage.serve.server import TriageService
 
@@ -204,6 +206,8 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
         raise typer.Exit(2) from None
     except (LdapConfigError, OidcConfigError) as exc:
         _fail(f"sign-in settings: {exc}")
+    except RegistryError as exc:
+        _fail(f"model registry: {exc}")
     where = (
         f"DICOM {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
         f"  web http://{settings.http_host}:{settings.http_port}/  data {settings.data_dir}"
@@ -444,11 +448,39 @@ def quarantine_cmd(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            help="Also write each label finding's mask (and a JSON sidecar) under"
+            " <folder>/<StudyInstanceUID>/<model>__<finding>.*, for scoring outside the product.",
+            show_default=False,
+        ),
+    ] = None,
+    mask_format: Annotated[
+        Literal["nifti", "seg"] | None,
+        typer.Option(
+            "--mask-format",
+            help="nifti: a uint8 label map (.nii.gz, class indices as the model's outputs);"
+            " seg: the product's DICOM Segmentation (.dcm). Default: nifti.",
+            show_default=False,
+        ),
+    ] = None,
+    mask_grid: Annotated[
+        Literal["model", "source"] | None,
+        typer.Option(
+            "--mask-grid",
+            help="NIfTI grid: model (the model's 1 mm grid, exact) or source (the source CT"
+            " series' voxels, nearest neighbour). Default: model.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDir = None,
     verbose: Verbose = False,
 ) -> None:
     """Run preprocessing and the models on DICOM files without a server (weights are cached
-    under the data folder). Exits 1 when no study could be analysed (ok or partial)."""
+    under the data folder). Exits 1 when no study could be analysed (ok or partial), or
+    when a mask asked for with --masks could not be written."""
     _setup_logging(verbose)
     from triage.analysis import Analyzer, group_files
 
@@ -457,6 +489,7 @@ def predict(
     if missing:
         console.print(f"[red]no such file or folder:[/] {escape(printable(', '.join(missing)))}")
         raise typer.Exit(2)
+    _check_mask_options(masks, mask_format, mask_grid)
     from triage.models.spec import SpecError
 
     try:
@@ -468,7 +501,13 @@ def predict(
     if not studies:
         console.print("[red]no DICOM files found[/]")
         raise typer.Exit(2)
-    results = [analyzer.analyze(uid, series).to_json() for uid, series in studies.items()]
+    results: list[dict[str, Any]] = []
+    for uid, series in studies.items():
+        analysis = analyzer.analyze(uid, series)
+        result = analysis.to_json()
+        if masks is not None:
+            result["masks"] = _export_masks(masks, analysis, series, mask_format, mask_grid)
+        results.append(result)
     doc = {"studies": results}
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -491,8 +530,76 @@ def predict(
                     f"score={f['score']:.3f}{extra}" + (f" ({vols})" if vols else "")
                 )
                 console.print(_cell(line), highlight=False)
+    if masks is not None:
+        _print_masks(masks, results, to_stderr=as_json)
     if not any(r["ai_status"] in ("ok", "partial") for r in results):
         _fail(f"no study was analysed: {_why_not_analysed(results)}", 1)
+    failed = [m for r in results for m in r.get("masks", []) if m["error"]]
+    if failed:
+        _fail(f"{len(failed)} mask(s) not written: {failed[0]['error']}", 1)
+
+
+def _check_mask_options(masks: Path | None, mask_format: str | None, mask_grid: str | None) -> None:
+    """Refuse mask options that do not go together (exit 2); create the --masks folder and
+    check that it takes files, before any model runs."""
+    from triage.mask_export import MaskExportError, prepare_out_dir
+
+    if masks is None:
+        if mask_format or mask_grid:
+            _fail("--mask-format and --mask-grid need --masks <folder>")
+        return
+    if mask_format == "seg" and mask_grid == "model":
+        _fail("a DICOM Segmentation lies on the source images: --mask-grid model does not apply")
+    try:
+        prepare_out_dir(masks)
+    except MaskExportError as exc:
+        _fail(str(exc))
+
+
+def _export_masks(
+    masks: Path,
+    analysis: StudyAnalysis,
+    series: list[SeriesFiles],
+    mask_format: Literal["nifti", "seg"] | None,
+    mask_grid: Literal["model", "source"] | None,
+) -> list[dict[str, Any]]:
+    """The masks of one analysed study written under ``masks``, as JSON entries."""
+    from triage.mask_export import export_study_masks
+
+    files = export_study_masks(
+        masks,
+        study_uid=analysis.StudyInstanceUID,
+        findings=analysis.findings,
+        overlays=analysis.overlays,
+        series_paths={se.SeriesInstanceUID: se.paths for se in series},
+        mask_format=mask_format or "nifti",
+        grid=mask_grid or "model",
+    )
+    return [f.to_json() for f in files]
+
+
+def _print_masks(masks: Path, results: list[dict[str, Any]], *, to_stderr: bool) -> None:
+    """One summary line saying where the masks went (stderr under --json, so that stdout
+    stays the JSON document), and one line per mask that could not be written."""
+    entries = [m for r in results for m in r.get("masks", [])]
+    written = [m for m in entries if m["path"]]
+    empty = [m for m in entries if not m["path"] and not m["error"]]
+    kinds = sorted({f"{m['format']}, {m['grid']} grid" for m in entries})
+    line = f"masks: {len(written)} written to {masks}" + (f" ({'; '.join(kinds)})" if kinds else "")
+    if empty:
+        line += f", {len(empty)} without a labelled pixel (sidecar only)"
+    if not entries:
+        line += " (no finding with a label map)"
+    lines = [line] + [
+        f"  {m['model']} {m['finding']}: mask not written: {m['error']}"
+        for m in entries
+        if m["error"]
+    ]
+    for text in lines:
+        if to_stderr:
+            typer.echo(printable(text), err=True)
+        else:
+            console.print(_cell(text), highlight=False)
 
 
 def _why_not_analysed(results: list[dict[str, Any]]) -> str:

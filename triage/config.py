@@ -221,6 +221,25 @@ class Settings(BaseSettings):
         description='The site\'s sha256 pins, {"<model>/<file>": "<sha256>"}, for weight files'
         " whose spec publishes none (e.g. the chest X-ray model's).",
     )
+    model_registry_uri: str | None = Field(
+        default=None,
+        description="MLflow model registry to serve models from (sqlite:///<path>/mlflow.db,"
+        " http://mlflow:5000): an installed model whose registered model of the same name has"
+        " the alias is served in that version; unset: the built-in pinned weights.",
+    )
+    model_registry_alias: str = Field(
+        default="champion",
+        min_length=1,
+        max_length=256,
+        description="The registry alias served (moved by `triage-train promote`).",
+    )
+    model_registry_poll_seconds: float = Field(
+        default=30.0,
+        ge=0.5,
+        le=3600,
+        description="Seconds between checks of the registry alias (a promotion is served"
+        " within this time plus the download and load).",
+    )
     finding_thresholds: dict[str, float] = Field(
         default_factory=dict,
         description='Flag thresholds per finding, {"intracranial_haemorrhage": 1.0} (ml for'

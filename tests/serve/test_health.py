@@ -174,9 +174,11 @@ def test_healthy_service_answers_200_with_each_component(service: TriageService)
     body = resp.json()
     assert body["status"] == "ok" and body["failing"] == []
     parts = components(resp)
-    assert set(parts) == {"database", "dicom", "worker", "disk"}
+    assert set(parts) == {"database", "dicom", "worker", "disk", "models"}
     assert all(p["ok"] for p in parts.values())
     assert "answers C-ECHO" in parts["dicom"]["detail"]
+    # Without a model registry every model is served from its built-in weights.
+    assert "blast-ct-v1 1.0.0 (built-in)" in parts["models"]["detail"]
 
 
 def test_stopped_worker_gives_503_naming_the_worker(service: TriageService) -> None:

@@ -183,6 +183,7 @@ class Analyzer:
             entry["version"] = self.registry.spec(entry["model"]).version
             for run in analysis.runs:
                 if run.model == entry.get("model"):
+                    entry["version"] = run.version
                     entry["status"] = run.status.value
                     entry["error"] = run.error
                     entry["timing_s"] = dict(run.timing_s)
@@ -198,6 +199,8 @@ class Analyzer:
         run = ModelRun(spec.name, spec.version, chosen.SeriesInstanceUID, AIStatus.ok)
         try:
             model = self.registry.model(name)
+            # The version that runs (a registry may have replaced it since routing).
+            run.version = model.spec.version
             output = model.run(chosen.paths, chosen.SeriesInstanceUID)
         except IncompleteSeriesError as exc:
             log.warning("%s: incomplete series: %s", name, type(exc).__name__)

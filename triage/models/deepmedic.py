@@ -74,6 +74,9 @@ class PreActBlock(nn.Module):
         self.prelu = nn.PReLU(num_parameters=1)
         self.kernel_size = kernel_size
         self.residual = in_channels == out_channels
+        #: Training with the published batch-norm statistics (see
+        #: :meth:`DeepMedic.freeze_statistics`).
+        self.frozen_statistics = False
 
     def preactivation(
         self, x: torch.Tensor, channel_dim: int = 1, inplace: bool = False
@@ -83,6 +86,13 @@ class PreActBlock(nn.Module):
         With ``inplace`` (eval mode only) the result is written into ``x``.
         """
         bn = self.bn
+        if self.training and self.frozen_statistics:
+            if channel_dim != 1:
+                return self.preactivation(x.movedim(channel_dim, 1)).movedim(1, channel_dim)
+            out = F.batch_norm(
+                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+            )
+            return self.prelu(self.dropout(out))
         if self.training:
             if channel_dim != 1:
                 return self.preactivation(x.movedim(channel_dim, 1)).movedim(1, channel_dim)
@@ -303,6 +313,23 @@ class DeepMedic(nn.Module):
             )
         )
         self.num_classes = num_classes
+
+    def freeze_statistics(self, frozen: bool = True, *, dropout: bool = False) -> DeepMedic:
+        """Fine-tuning mode: batch norm normalises with the running statistics (its scale and
+        shift still learn, the statistics stay as trained) and, unless ``dropout``, dropout is
+        off.
+
+        Small fine-tuning batches (one or two patches) cannot estimate batch statistics, and
+        with both frozen a step on a batch of two patches equals two data-parallel processes
+        of one patch each (the gradient is the same mean), which is what makes training with
+        ``torchrun`` reproduce a one-process run. Takes effect in train mode; eval mode is
+        unchanged.
+        """
+        for module in self.modules():
+            if isinstance(module, PreActBlock):
+                module.frozen_statistics = frozen
+                module.dropout.p = module.dropout.p if dropout else 0.0
+        return self
 
     @staticmethod
     def output_size(input_size: Sequence[int]) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ models (``triage models``) and routing need no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +90,8 @@ class ModelRegistry:
         self._specs = {s.name: s for s in specs}
         self.options = options
         self._models: dict[str, FindingModel[Any, Any]] = {}
+        # Models served from a model registry read their own weight files.
+        self._stores: dict[str, ModelStore] = {}
         self._lock = threading.Lock()
 
     @property
@@ -103,7 +106,8 @@ class ModelRegistry:
         thresholds (the site's where set), its weights' state, where and how it would run."""
         out = []
         for spec in self.specs:
-            weights = [self.options.store.state(spec.name, a) for a in spec.weights]
+            store = self._stores.get(spec.name, self.options.store)
+            weights = [store.state(spec.name, a) for a in spec.weights]
             states = [w["state"] for w in weights]
             runtime = self.model(spec.name).describe()
             out.append(
@@ -136,6 +140,7 @@ class ModelRegistry:
                     "runtime": runtime,
                     "licence": spec.licence,
                     "card": spec.card,
+                    "source": "registry" if spec.name in self._stores else "built-in",
                 }
             )
         return out
@@ -146,6 +151,38 @@ class ModelRegistry:
             model = self._models.get(name)
             if model is None:
                 spec = self._specs[name]
-                model = _resolve(self._factories[spec.kind])(spec, self.options)
+                model = self._build(spec, self._stores.get(name))
                 self._models[name] = model
             return model
+
+    def _build(self, spec: ModelSpec, store: ModelStore | None) -> FindingModel[Any, Any]:
+        options = self.options if store is None else dataclasses.replace(self.options, store=store)
+        return _resolve(self._factories[spec.kind])(spec, options)
+
+    def replace(self, spec: ModelSpec, store: ModelStore) -> FindingModel[Any, Any]:
+        """Serve another version of an installed model from now on (a model registry's).
+
+        The new version is built and its weights loaded before it replaces the running one,
+        so a version that cannot load never does; a study being analysed finishes with the
+        version it started with.
+
+        Args:
+            spec: the new version's spec (same name and kind as the installed model).
+            store: where its weight files are read (verified by the spec's sha256).
+
+        Raises:
+            SpecError: no installed model has this name, or the kind differs.
+            ModelWeightsError: its weights cannot be loaded.
+        """
+        current = self._specs.get(spec.name)
+        if current is None:
+            raise SpecError(f"no installed model is named {spec.name}")
+        if spec.kind != current.kind:
+            raise SpecError(f"model {spec.name}: kind {spec.kind!r} replaces {current.kind!r}")
+        model = self._build(spec, store)
+        model.load()
+        with self._lock:
+            self._specs[spec.name] = spec
+            self._stores[spec.name] = store
+            self._models[spec.name] = model
+        return model

@@ -249,6 +249,7 @@ class HealthChecks:
         min_free_bytes: ``TRIAGE_MIN_FREE_BYTES``.
         worker_threads: the worker's threads (assembly and analysis), read at each check.
         dicom: the DICOM listener check; None when the listener is not started.
+        models: which version of each model is served (and from where); None: not shown.
     """
 
     db: Database
@@ -256,6 +257,7 @@ class HealthChecks:
     min_free_bytes: int
     worker_threads: Callable[[], Sequence[threading.Thread]]
     dicom: Callable[[], ComponentStatus] | None = None
+    models: Callable[[], ComponentStatus] | None = None
 
     def __call__(self) -> HealthReport:
         dicom = (
@@ -263,11 +265,12 @@ class HealthChecks:
             if self.dicom is not None
             else ComponentStatus(False, "the DICOM listener is not started")
         )
-        return HealthReport(
-            {
-                "database": check_database(self.db),
-                "dicom": dicom,
-                "worker": check_threads(self.worker_threads(), "worker"),
-                "disk": check_disk(self.disk_paths, self.min_free_bytes),
-            }
-        )
+        components = {
+            "database": check_database(self.db),
+            "dicom": dicom,
+            "worker": check_threads(self.worker_threads(), "worker"),
+            "disk": check_disk(self.disk_paths, self.min_free_bytes),
+        }
+        if self.models is not None:
+            components["models"] = self.models()
+        return HealthReport(components)

@@ -22,12 +22,13 @@ from triage.events.webhook import WebhookConfig, WebhookSender
 from triage.ingest.scp import ScpOptions, start_scp
 from triage.ingest.store import Ingestor, remove_stale_parts
 from triage.jobs.worker import Worker
+from triage.models.mlflow_registry import RegistrySource, RegistryWatcher
 from triage.serve import security
 from triage.serve.app import create_app
 from triage.serve.auth import AuthConfig
 from triage.serve.connections import ConnectionLimits, limited_protocol
 from triage.serve.descriptors import DicomDescriptorGuard, raise_open_file_limit
-from triage.serve.health import DicomProbe, HealthChecks
+from triage.serve.health import ComponentStatus, DicomProbe, HealthChecks
 from triage.worklist.priority import load_policy
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,19 @@ class TriageService:
             )
         self.analyzer = Analyzer.from_settings(settings)
         self.analyzer.warm_up()
+        # Models served from an MLflow registry by alias (else the built-in weights).
+        self.model_watcher: RegistryWatcher | None = None
+        if settings.model_registry_uri:
+            source = RegistrySource(
+                settings.model_registry_uri,
+                alias=settings.model_registry_alias,
+                cache_dir=settings.resolved_model_cache_dir / "registry",
+            )
+            self.model_watcher = RegistryWatcher(
+                self.analyzer.registry, source, poll_seconds=settings.model_registry_poll_seconds
+            )
+            # The first study is analysed by the alias's version when the registry answers.
+            self.model_watcher.check_once()
         policy = load_policy(settings.policy_file)
         # Events are queued for the webhook only when one is configured.
         webhook_kinds = frozenset(settings.webhook_kinds) if settings.webhook_url else frozenset()
@@ -80,6 +94,7 @@ class TriageService:
             min_free_bytes=settings.min_free_bytes,
             # The Worker keeps its threads private; only their liveness is read here.
             worker_threads=self.worker.threads,
+            models=self._models_status,
         )
         hosts = security.allowed_hosts(settings.http_allowed_hosts, settings.http_host)
         if not settings.http_allowed_hosts and settings.http_host in security.WILDCARD_ADDRESSES:
@@ -161,6 +176,19 @@ class TriageService:
         """True once the HTTP server has been told to stop (SSE streams then end)."""
         return any(server.should_exit for server in self._http_servers)
 
+    def _models_status(self) -> ComponentStatus:
+        """The version of each model served, and whether it comes from the registry."""
+        served = self.model_watcher.serving() if self.model_watcher is not None else {}
+        parts = []
+        for spec in self.analyzer.registry.specs:
+            where = (
+                f"registry v{served[spec.name]} @{self.settings.model_registry_alias}"
+                if spec.name in served
+                else "built-in"
+            )
+            parts.append(f"{spec.name} {spec.version} ({where})")
+        return ComponentStatus(True, "; ".join(parts))
+
     def start_background(self) -> None:
         """Start the SCP, the worker, the event publisher, the webhook sender and the result
         sender (the HTTP server is started by the caller)."""
@@ -175,6 +203,8 @@ class TriageService:
             self._scp, thread, options, guard=DicomDescriptorGuard(self._scp)
         )
         self.worker.start()
+        if self.model_watcher is not None:
+            self.model_watcher.start()
         self.publisher.start()
         if self.webhook is not None:
             self.webhook.start()
@@ -231,6 +261,8 @@ class TriageService:
             self._scp.shutdown()
             self._scp = None
         self.worker.stop()
+        if self.model_watcher is not None:
+            self.model_watcher.stop()
         self.publisher.stop()
         if self.webhook is not None:
             self.webhook.stop()
