@@ -1,0 +1,5 @@
+"""``python -m training`` (what ``torchrun -m training fit ...`` runs)."""
+
+from training.cli import app
+
+app()
