@@ -71,6 +71,7 @@ def _settings(data_dir: Path | None) -> Settings:
 
 
 def _logging() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -97,6 +98,29 @@ def _spec(name: str) -> Any:
         if spec.name == name:
             return spec
     _fail(f"no installed model is named {name}")
+
+
+#: Dataset task -> the model trained on it.
+TASK_MODELS = {
+    "haemorrhage": "blast-ct-v1",
+    "intracranial_haemorrhage": "blast-ct-v1",
+    "chest": "xrv-densenet121-res224-all",
+    "pneumothorax": "xrv-densenet121-res224-all",
+}
+
+
+def _model_for(dataset: Path) -> str:
+    from training.data.dataset import DatasetError, read_meta
+
+    try:
+        task = str(read_meta(dataset).get("task", ""))
+    except DatasetError as exc:
+        _fail(str(exc))
+    if task not in TASK_MODELS:
+        _fail(
+            f"dataset task {task!r}: give --model ({', '.join(sorted(set(TASK_MODELS.values())))})"
+        )
+    return TASK_MODELS[task]
 
 
 def _uri(settings: Settings, given: str | None) -> str:
@@ -333,11 +357,15 @@ def fit(
     ] = "sensitivity",
     threshold_target: float = 0.9,
     register: Annotated[bool, typer.Option(help="Register the version in the registry.")] = True,
+    model: Annotated[
+        str | None, typer.Option(help="Model to fine-tune (default: by the dataset's task).")
+    ] = None,
     registry_uri: RegistryUri = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Fine-tune the haemorrhage model from masks, choose its threshold on validation data,
-    measure it on the test split, log it to MLflow and register it."""
+    """Fine-tune a model (the haemorrhage network from masks, the chest classifier from
+    labels), choose its threshold on validation data, measure it on the test split, log it
+    to MLflow and register it."""
     from training.data.dataset import DatasetError
     from training.workflows import FitOptions
     from training.workflows import fit as run_fit
@@ -373,7 +401,7 @@ def fit(
         with progress:
             outcome = run_fit(
                 options,
-                base=_spec("blast-ct-v1"),
+                base=_spec(model or _model_for(dataset)),
                 store=_store(settings),
                 on_step=lambda step, loss: progress.update(
                     task, completed=step, description=f"training (loss {loss:.3f})"
@@ -387,7 +415,8 @@ def fit(
     console.print(
         _metrics_table("candidate on the test split", {"candidate": outcome.test.metrics}, _SHOWN)
     )
-    console.print(f"threshold: {outcome.threshold} ml ({outcome.threshold_reason})")
+    unit = outcome.spec.findings[0].unit if outcome.spec else ""
+    console.print(f"threshold: {outcome.threshold} {unit} ({outcome.threshold_reason})")
     console.print(f"candidate: {outcome.candidate}  ({outcome.train.samples_per_s:.2f} samples/s)")
     if outcome.version:
         console.print(

@@ -18,12 +18,28 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from training.candidate import candidate_spec, read_candidate, write_candidate
 from training.data.dataset import Dataset, StudyRecord, read_dataset
-from training.data.samples import HAS_MASK, IMAGE, LABEL, haemorrhage_dataset, warm_cache
+from training.data.samples import (
+    HAS_MASK,
+    IMAGE,
+    LABEL,
+    chest_augmentation,
+    chest_dataset,
+    haemorrhage_dataset,
+    warm_cache,
+)
 from training.data.splits import assign_splits, fingerprint
 from training.evaluate import Evaluation, build_model, evaluate, write_per_study
+from training.fit.chest import (
+    ChestSamples,
+    chest_loss,
+    load_chest_network,
+    prepare_chest_batch,
+    save_chest_weights,
+)
 from training.fit.engine import Distributed, TrainResult, run_training, weights_file
 from training.fit.haemorrhage import (
     HaemorrhagePatches,
@@ -32,7 +48,7 @@ from training.fit.haemorrhage import (
     patch_loss,
     prepare_patch_batch,
 )
-from training.format import HAEMORRHAGE
+from training.format import HAEMORRHAGE, PNEUMOTHORAX
 from training.metrics import choose_threshold
 from training.promote import record_evaluation
 from training.tracking import client, ensure_experiment, log_metrics, log_model_version
@@ -105,6 +121,66 @@ def _volumes(records: list[StudyRecord], spec: ModelSpec, cache: Path) -> list[V
     return volumes
 
 
+#: Dataset task -> the finding it labels.
+TASK_FINDINGS: dict[str, str] = {
+    "haemorrhage": HAEMORRHAGE,
+    HAEMORRHAGE: HAEMORRHAGE,
+    "chest": PNEUMOTHORAX,
+    PNEUMOTHORAX: PNEUMOTHORAX,
+}
+
+
+@dataclass
+class _Task:
+    """What one model kind trains with."""
+
+    network: nn.Module
+    origin: str
+    dataset: Any
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    prepare_batch: Callable[..., Any]
+    save: Callable[[nn.Module, Path], str]
+
+
+def _setup_haemorrhage(
+    base: ModelSpec,
+    train: list[StudyRecord],
+    cache: Path,
+    samples: int,
+    options: FitOptions,
+    store: ModelStore | None,
+) -> _Task:
+    volumes = _volumes(train, base, cache)
+    if not volumes:
+        raise ValueError("no training study has a mask (or is negative): nothing to fit")
+    patches = HaemorrhagePatches(
+        volumes, samples=samples, seed=options.seed, value_range=base.input.value_range
+    )
+    net, origin = load_member(base, store, options.member, seed=options.seed)
+    return _Task(
+        net, origin, patches, patch_loss(len(base.outputs)), prepare_patch_batch, weights_file
+    )
+
+
+def _setup_chest(
+    base: ModelSpec,
+    train: list[StudyRecord],
+    cache: Path,
+    samples: int,
+    options: FitOptions,
+    store: ModelStore | None,
+) -> _Task:
+    ds = chest_dataset(train, base, cache_dir=cache)
+    items = [ds[i] for i in warm_cache(ds)]
+    if not items:
+        raise ValueError("no training radiograph could be read: nothing to fit")
+    data = ChestSamples(
+        items, seed=options.seed, samples=samples, augmentation=chest_augmentation()
+    )
+    net, origin = load_chest_network(base, store, seed=options.seed)
+    return _Task(net, origin, data, chest_loss(), prepare_chest_batch, save_chest_weights)
+
+
 def fit(
     options: FitOptions,
     *,
@@ -113,7 +189,8 @@ def fit(
     on_step: Callable[[int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> FitOutcome:
-    """Fine-tune the haemorrhage model (see the module docstring).
+    """Fine-tune a model (the haemorrhage network from masks, the chest classifier from
+    labels; see the module docstring).
 
     Args:
         options: what to do.
@@ -133,40 +210,33 @@ def fit(
         device = torch.device("cuda", parallel.local_rank)
         torch.cuda.set_device(device)
     dataset = read_dataset(options.dataset)
-    if dataset.task not in {"haemorrhage", HAEMORRHAGE}:
-        raise ValueError(f"dataset task {dataset.task!r}: fit trains the haemorrhage model")
+    finding = TASK_FINDINGS.get(dataset.task)
+    if finding is None or not any(f.code == finding for f in base.findings):
+        raise ValueError(
+            f"dataset task {dataset.task!r}: {base.name} is trained on"
+            f" {', '.join(f.code for f in base.findings)}"
+        )
     parts = split_records(dataset, options.seed)
     stage(
         f"dataset {dataset.name}: {len(parts['train'])} train, {len(parts['val'])} val,"
         f" {len(parts['test'])} test studies"
     )
     cache = options.out / "cache"
+    samples = options.checkpoint_every * options.batch_size
+    pretrained = store if options.init == "pretrained" else None
     # Preprocess once (main process first, so that the others read the cache).
+    setup = _setup_chest if base.kind == "xrv-densenet" else _setup_haemorrhage
     if parallel.main:
-        stage("preprocessing the training studies (serving's prepare_head_ct)")
-        volumes = _volumes(parts["train"], base, cache)
+        stage("preprocessing the training studies (serving's preprocessing)")
+        task = setup(base, parts["train"], cache, samples, options, pretrained)
     parallel.barrier()
     if not parallel.main:
-        volumes = _volumes(parts["train"], base, cache)
-    if not volumes:
-        raise ValueError("no training study has a mask (or is negative): nothing to fit")
-    patches = HaemorrhagePatches(
-        volumes,
-        samples=options.checkpoint_every * options.batch_size,
-        seed=options.seed,
-        value_range=base.input.value_range,
-    )
-    net, origin = load_member(
-        base,
-        store if options.init == "pretrained" else None,
-        options.member,
-        seed=options.seed,
-    )
-    stage(f"fine-tuning from {origin} for {options.steps} steps on {device}")
+        task = setup(base, parts["train"], cache, samples, options, pretrained)
+    stage(f"fine-tuning from {task.origin} for {options.steps} steps on {device}")
     result = run_training(
-        network=net,
-        dataset=patches,
-        loss_function=patch_loss(len(base.outputs)),
+        network=task.network,
+        dataset=task.dataset,
+        loss_function=task.loss,
         optimizer_factory=lambda params: torch.optim.Adam(params, lr=options.lr),
         steps=options.steps,
         batch_size=options.batch_size,
@@ -177,16 +247,17 @@ def fit(
         checkpoint_every=options.checkpoint_every,
         resume=options.resume,
         amp=device.type == "cuda",
-        prepare_batch=prepare_patch_batch,
+        prepare_batch=task.prepare_batch,
         on_step=on_step,
     )
+    net = task.network
+    origin = task.origin
     outcome = FitOutcome(train=result)
     if not parallel.main:
         parallel.close()
         return outcome
-    net = net.cpu().eval()
     weights = options.out / "weights.pt"
-    sha256 = weights_file(net, weights)
+    sha256 = task.save(net.cpu().eval(), weights)
     filename = f"{base.name}-ft-{sha256[:12]}.pt"
     provenance: dict[str, Any] = {
         "base_version": base.version,
@@ -208,13 +279,13 @@ def fit(
     stage("choosing the operating threshold on the validation split")
     cspec, cstore = read_candidate(candidate)
     model = build_model(cspec, cstore)
-    threshold, why, val = _choose(model, parts["val"], options, synthetic)
+    threshold, why, val = _choose(model, parts["val"], options, synthetic, finding)
     outcome.validation, outcome.threshold, outcome.threshold_reason = val, threshold, why
     spec = candidate_spec(
         base,
         version=version,
         weights=[(filename, sha256)],
-        thresholds={HAEMORRHAGE: threshold},
+        thresholds={finding: threshold},
         provenance={**provenance, "threshold": {"value": threshold, "how": why}},
     )
     write_candidate(spec, {filename: weights}, candidate)
@@ -224,7 +295,7 @@ def fit(
     test = evaluate(
         build_model(cspec, cstore),
         parts["test"],
-        finding=HAEMORRHAGE,
+        finding=finding,
         synthetic=synthetic,
         plots_dir=options.out / "plots",
         n_boot=options.n_boot,
@@ -238,12 +309,12 @@ def fit(
 
 
 def _choose(
-    model: Any, records: list[StudyRecord], options: FitOptions, synthetic: bool
+    model: Any, records: list[StudyRecord], options: FitOptions, synthetic: bool, finding: str
 ) -> tuple[float, str, Evaluation | None]:
-    base = float(model.spec.finding(HAEMORRHAGE).threshold)
+    base = float(model.spec.finding(finding).threshold)
     if options.threshold_rule == "keep" or not records:
         return base, "kept the base version's threshold", None
-    val = evaluate(model, records, finding=HAEMORRHAGE, synthetic=synthetic, n_boot=100)
+    val = evaluate(model, records, finding=finding, synthetic=synthetic, n_boot=100)
     y, s = val.summary.y_true, val.summary.y_score
     if y.size == 0 or y.min() == y.max():
         return base, "kept the base threshold: the validation split lacks a class", val
@@ -255,7 +326,7 @@ def _choose(
         f" validation studies: sensitivity {op.sensitivity:.3f}, specificity"
         f" {op.specificity:.3f}"
     )
-    return round(float(op.threshold), 3), how, val
+    return round(float(op.threshold), 4), how, val
 
 
 def _log(
@@ -271,7 +342,7 @@ def _log(
     run = c.create_run(experiment, run_name=f"fit {outcome.spec.name} {outcome.spec.version}")
     run_id = run.info.run_id
     params = {
-        "task": "haemorrhage",
+        "task": outcome.spec.task,
         "base_model": outcome.spec.name,
         "base_version": provenance["base_version"],
         "started_from": provenance["started_from"],
@@ -287,7 +358,7 @@ def _log(
         "seed": options.seed,
         "init": options.init,
         "device": str(device),
-        "threshold_ml": outcome.threshold,
+        "threshold": outcome.threshold,
         "threshold_how": outcome.threshold_reason[:500],
         "python": platform.python_version(),
         "torch": torch.__version__,
