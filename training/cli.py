@@ -56,6 +56,23 @@ RegistryUri = Annotated[
 ]
 
 
+@app.callback()
+def _requirements() -> None:
+    """Every subcommand needs the ``train`` extra; say so in one line when it is missing."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("mlflow", "ignite", "dicognito", "nibabel", "sklearn")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        _fail(
+            f"triage-train needs the train extra ({', '.join(missing)} missing):"
+            " pip install 'triage[train]'"
+        )
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -395,13 +412,14 @@ def fit(
         uri=_uri(settings, registry_uri) if main else None,
         register=register,
     )
+    base = _spec(model or _model_for(dataset))
     progress = _progress()
     task = progress.add_task("training steps", total=steps)
     try:
         with progress:
             outcome = run_fit(
                 options,
-                base=_spec(model or _model_for(dataset)),
+                base=base,
                 store=_store(settings),
                 on_step=lambda step, loss: progress.update(
                     task, completed=step, description=f"training (loss {loss:.3f})"
