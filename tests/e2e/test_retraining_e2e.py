@@ -114,6 +114,20 @@ def _analysed(server: ServerProcess, uid: str, timeout_s: float = 900) -> dict[s
     pytest.fail(f"AI did not finish: {doc}\n{server.log()[-3000:]}")
 
 
+def _fit_run(env: dict[str, str], version: str) -> Any:
+    from mlflow import MlflowClient
+
+    uri = env["TRIAGE_MODEL_REGISTRY_URI"]
+    c = MlflowClient(tracking_uri=uri)
+    experiment = c.get_experiment_by_name("triage")
+    (run,) = [
+        r
+        for r in c.search_runs([experiment.experiment_id])
+        if r.info.run_name == f"fit {MODEL} {version}"
+    ]
+    return run
+
+
 def _version_tags(env: dict[str, str], version: str) -> dict[str, str]:
     from mlflow import MlflowClient
 
@@ -155,6 +169,13 @@ def test_fit_register_promote_and_serve_without_restart(
     assert spec["name"] == MODEL and spec["version"].startswith("1.0.0-ft.")
     assert spec["params"]["training"]["steps"] == 2
 
+    # The run logged the candidate's Dice and volume error on the test split, and its plots.
+    run = _fit_run(env, spec["version"])
+    assert {"test_dice_mean", "test_volume_abs_error_ml_mean", "train_loss"} <= set(
+        run.data.metrics
+    )
+    assert 0.0 <= run.data.metrics["test_dice_mean"] <= 1.0
+    assert run.data.params["started_from"].startswith("blast-ct-v1 member 7")
     promote = _run(
         ["promote", "--model", MODEL, "--version", "1", "--dataset", str(synthetic)], env
     )

@@ -101,7 +101,7 @@ def _fit(
         parallel=Distributed(),
         seed=seed,
         checkpoint_dir=checkpoints,
-        checkpoint_every=1,
+        checkpoint_every=samples // 2,  # one epoch of ``samples`` items in batches of 2
         resume=resume,
         amp=False,
         prepare_batch=prepare_chest_batch,
