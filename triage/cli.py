@@ -633,16 +633,47 @@ def simulate_cmd(
         int | None, typer.Option("--seed", help="Seed of the first day (overrides the config).")
     ] = None,
     runs: Annotated[
-        int, typer.Option("--runs", min=1, help="Days to simulate (seeds seed, seed+1, ...).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--runs",
+            min=1,
+            help="Days to simulate (seeds seed, seed+1, ...). Default 50 (enough for a stable"
+            " verdict on the headline, see docs/simulation.md); with --sweep, 10 per cell.",
+            show_default=False,
+        ),
+    ] = None,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="NAME=v1,v2,...: simulate every combination of the values (at most 2"
+            " parameters, 36 cells, 400 days in all; default 10 days per cell, so a 3x3 sweep"
+            " of 2,000-study days takes about 30 s here) and write sweep.json, sweep.md and"
+            " sweep.png. NAME: prevalence, sensitivity, specificity, radiologists,"
+            " studies_per_day, ai_latency_minutes. Repeat for a second parameter.",
+        ),
+    ] = None,
 ) -> None:
     """Simulate a reading service: FIFO vs the triage policy on the same studies."""
     from pydantic import ValidationError
     from rich.markup import escape
 
-    from triage.simulate.config import load_config
-    from triage.simulate.model import run_experiment
-    from triage.simulate.report import goal_lines, rich_table, write_outputs
+    from triage.simulate.config import (
+        DEFAULT_RUNS,
+        SWEEP_DEFAULT_RUNS,
+        load_config,
+        parse_sweep,
+        sweep_grid,
+    )
+    from triage.simulate.model import run_experiment, run_sweep
+    from triage.simulate.report import (
+        goal_lines,
+        goals_table,
+        rich_table,
+        sweep_table,
+        write_outputs,
+        write_sweep_outputs,
+    )
 
     try:
         cfg = load_config(config)
@@ -651,9 +682,26 @@ def simulate_cmd(
         raise typer.Exit(2) from exc
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
-    exp = run_experiment(cfg, runs)
+    # The tables are wider than 80 columns (the width rich assumes off a terminal).
+    wide = console if console.width >= 130 else Console(width=130)
+    if sweep:
+        try:
+            parameters = [parse_sweep(spec) for spec in sweep]
+            cells = sweep_grid(cfg, parameters, runs or SWEEP_DEFAULT_RUNS)
+        except ValueError as exc:
+            _fail(str(exc))
+        result = run_sweep(cells, parameters, runs or SWEEP_DEFAULT_RUNS)
+        rows, paths = write_sweep_outputs(result, out)
+        wide.print(sweep_table(result, rows))
+        console.print(
+            f"simulated in {result.seconds:.1f} s; wrote {', '.join(str(p) for p in paths)}",
+            highlight=False,
+        )
+        return
+    exp = run_experiment(cfg, runs or DEFAULT_RUNS)
     summ, paths = write_outputs(exp, out)
-    console.print(rich_table(exp, summ))
+    wide.print(rich_table(exp, summ))
+    wide.print(goals_table(exp, summ))
     for line in goal_lines(exp, summ):
         console.print(line, highlight=False, markup=False)
     console.print(

@@ -94,10 +94,34 @@ def test_cli_writes_the_table_json_markdown_and_plots(tmp_path: Path) -> None:
     assert doc["config"]["studies_per_day"] == 200
     assert doc["runs"][0]["disciplines"]["fifo"]["critical"]["n"] > 0
     assert set(doc["summary"]["goals"]) >= {"critical_median", "others_max"}
+    bound = doc["summary"]["others_max_bound"]
+    assert bound["ceiling"] == pytest.approx(1 / (1 - bound["flagged_work_fraction"]), abs=1e-9)
+    assert len(doc["summary"]["ratios"]["others_max_ci"]) == 2
+    assert all("flagged_fraction" in r for r in doc["runs"])
+    assert "ceiling 1/(1-f)" in proc.stdout and "flagged f" in proc.stdout
     md = (out / "simulation.md").read_text()
     assert "| critical: median wait |" in md and "late, order SLA" in md
-    for png in ("wait_cdf.png", "queue_length.png"):
+    assert "| others' max <= 1.1 x FIFO |" in md
+    for png in ("wait_cdf.png", "queue_length.png", "others_max_vs_flagged.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_sweep_writes_the_grid(tmp_path: Path) -> None:
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(TOML)
+    out = tmp_path / "out"
+    args = ["simulate", "--config", str(cfg), "--out", str(out), "--runs", "2"]
+    args += ["--sweep", "prevalence=0.05,0.2", "--sweep", "specificity=0.8,0.95,0.99"]
+    proc = run_cli(args, tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "6 cells x 2 simulated day(s)" in proc.stdout and "ceiling" in proc.stdout
+    doc = json.loads((out / "sweep.json").read_text())
+    assert len(doc["cells"]) == 6 and doc["config"]["studies_per_day"] == 200
+    assert {(c["prevalence"], c["specificity"]) for c in doc["cells"]} == {
+        (p, s) for p in (0.05, 0.2) for s in (0.8, 0.95, 0.99)
+    }
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "simulation.json").exists()
 
 
 def test_cli_refuses_a_bad_settings_file(tmp_path: Path) -> None:

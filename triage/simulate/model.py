@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from triage.domain import Finding, ModelRef
-from triage.simulate.config import SimulationConfig
+from triage.simulate.config import DEFAULT_RUNS, SWEEP_DEFAULT_RUNS, SimulationConfig
 from triage.worklist.priority import PolicyConfig, StudyContext, place, rank_studies
 
 T0 = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)
@@ -393,14 +393,26 @@ def deadlines(study: SimStudy, policy: PolicyConfig, finding_code: str) -> tuple
     return (d_order - arrived) / _MINUTE, (d_true - arrived) / _MINUTE
 
 
+def day_deadlines(
+    studies: Sequence[SimStudy], config: SimulationConfig
+) -> dict[int, tuple[float, float]]:
+    """:func:`deadlines` of every study, by index."""
+    return {s.index: deadlines(s, config.policy, config.finding_code) for s in studies}
+
+
 def simulate(
     studies: Sequence[SimStudy],
     config: SimulationConfig,
     discipline: str,
     *,
     reference: bool = False,
+    deadline_minutes: dict[int, tuple[float, float]] | None = None,
 ) -> RunLog:
-    """Run one discipline over the given studies; every study is read before it returns."""
+    """Run one discipline over the given studies; every study is read before it returns.
+
+    ``deadline_minutes``: each study's :func:`deadlines` by index, when already computed
+    (they do not depend on the discipline).
+    """
     queue = make_queue(discipline, config, reference=reference)
     events: list[tuple[float, int, int, int]] = []
     seq = 0
@@ -448,9 +460,11 @@ def simulate(
             heapq.heappush(events, (now + s.read_minutes, seq, _FINISH, s.index))
             seq += 1
         series.append((now, len(queue), waiting_critical))
+    if deadline_minutes is None:
+        deadline_minutes = day_deadlines(studies, config)
     records = []
     for s in studies:
-        sla_order, sla_true = deadlines(s, config.policy, config.finding_code)
+        sla_order, sla_true = deadline_minutes[s.index]
         records.append(
             ReadRecord(
                 index=s.index,
@@ -529,6 +543,68 @@ def summarise(records: Sequence[ReadRecord]) -> dict[str, GroupStats]:
     }
 
 
+def others_max_bound(flagged_work_fraction: float, load: float = 1.0) -> float:
+    """The others' maximum wait under triage relative to FIFO's that flagged work forces.
+
+    The study that waits longest under FIFO arrives at the peak of the backlog and waits
+    ``W_fifo`` = the work ahead of it / the readers. Under triage the same work is ahead of it
+    (every earlier study is due before it, and every reader is busy), plus every flagged study
+    that arrives while it waits. If arrivals bring work at ``load`` x the readers' capacity
+    during its wait ``W_triage`` and a share ``f`` of that work is flagged, then
+    ``W_triage = W_fifo + f * load * W_triage``, so the ratio is ``1 / (1 - f * load)``.
+
+    * With ``load`` measured while the worst study waits (:func:`worst_wait_load`) this is a
+      **floor**: triage's maximum is at least that study's wait.
+    * With ``load = 1`` it is ``1 / (1 - f)``, the **ceiling** of the fluid approximation: at
+      the backlog's peak the backlog can only shrink, so ``load <= 1`` while the worst study
+      waits, and no study waits longer than ``W_fifo / (1 - f)``. Random bursts of flagged
+      studies take single days above it.
+
+    Args:
+        flagged_work_fraction: share ``f`` of the reading work (or of the studies, when flags
+            do not depend on the read time) that the AI flags, in [0, 1].
+        load: offered load ``rho`` (arriving work / reader time) while the worst study waits,
+            >= 0.
+
+    Returns:
+        ``1 / (1 - f * load)``; ``inf`` when ``f * load >= 1``.
+    """
+    x = flagged_work_fraction * load
+    return math.inf if x >= 1.0 else 1.0 / (1.0 - x)
+
+
+def reader_minutes(config: SimulationConfig, start: float, end: float) -> float:
+    """Reader-minutes on duty between ``start`` and ``end`` (minutes after :data:`T0`)."""
+    total, t = 0.0, start
+    while t < end:
+        step = min(end, (math.floor(t / 60.0) + 1) * 60.0) - t
+        total += config.readers_at(int(t // 60.0) % 24) * step
+        t += step
+    return total
+
+
+def worst_wait_load(
+    studies: Sequence[SimStudy], fifo: RunLog, triage: RunLog, config: SimulationConfig
+) -> float:
+    """Offered load while the other study that waits longest under FIFO waits under triage.
+
+    The study is the non-critical, unflagged study with the longest FIFO wait; its window is
+    from its arrival to the start of its read under triage. The load is the reading work of
+    the studies arriving in that window / the reader-minutes on duty in it (``rho`` of
+    :func:`others_max_bound`). NaN when no such study waited.
+    """
+    candidates = [r for r in fifo.records if not r.critical and not r.flagged]
+    if not candidates:
+        return float("nan")
+    worst = max(candidates, key=lambda r: (r.wait, -r.index))
+    start = next(r.start for r in triage.records if r.index == worst.index)
+    if start <= worst.arrival:
+        return float("nan")
+    work = sum(s.read_minutes for s in studies if worst.arrival < s.arrival <= start)
+    capacity = reader_minutes(config, worst.arrival, start)
+    return work / capacity if capacity > 0 else float("nan")
+
+
 @dataclass
 class RunResult:
     """One simulated day under every discipline."""
@@ -541,6 +617,9 @@ class RunResult:
     others_max_ratio: float
     goal_critical_median: bool
     goal_others_max: bool
+    flagged_fraction: float = 0.0  # share of the studies the AI flags (TP + FP)
+    flagged_work_fraction: float = 0.0  # share of the reading time the AI flags
+    worst_wait_load: float = float("nan")  # see worst_wait_load()
     logs: dict[str, RunLog] = field(default_factory=dict, repr=False)
 
     @property
@@ -562,6 +641,9 @@ class RunResult:
             "others_max_ratio": num(self.others_max_ratio),
             "goal_critical_median": self.goal_critical_median,
             "goal_others_max": self.goal_others_max,
+            "flagged_fraction": num(self.flagged_fraction),
+            "flagged_work_fraction": num(self.flagged_work_fraction),
+            "worst_wait_load": num(self.worst_wait_load),
         }
 
 
@@ -572,7 +654,8 @@ def _ratio(a: float, b: float) -> float:
 def run_day(config: SimulationConfig, seed: int, *, keep_logs: bool = False) -> RunResult:
     """Simulate one day (``seed``) under each of :data:`DISCIPLINES`."""
     studies = generate_studies(config, seed)
-    logs = {d: simulate(studies, config, d) for d in DISCIPLINES}
+    due = day_deadlines(studies, config)
+    logs = {d: simulate(studies, config, d, deadline_minutes=due) for d in DISCIPLINES}
     stats = {d: summarise(log.records) for d, log in logs.items()}
     fifo, tri = stats["fifo"], stats["triage"]
     capacity = sum(
@@ -586,7 +669,9 @@ def run_day(config: SimulationConfig, seed: int, *, keep_logs: bool = False) -> 
         "true_positive": sum(s.critical and s.ai_flag for s in studies),
         "false_negative": sum(s.critical and not s.ai_flag for s in studies),
         "false_positive": sum(s.ai_flag and not s.critical for s in studies),
+        "flagged": sum(s.ai_flag for s in studies),
     }
+    work = sum(s.read_minutes for s in studies)
     return RunResult(
         seed=seed,
         stats=stats,
@@ -597,6 +682,9 @@ def run_day(config: SimulationConfig, seed: int, *, keep_logs: bool = False) -> 
         goal_critical_median=tri["critical"].median
         <= config.critical_median_ratio_goal * fifo["critical"].median,
         goal_others_max=tri["others"].max <= config.others_max_ratio_goal * fifo["others"].max,
+        flagged_fraction=counts["flagged"] / len(studies),
+        flagged_work_fraction=sum(s.read_minutes for s in studies if s.ai_flag) / work,
+        worst_wait_load=worst_wait_load(studies, logs["fifo"], logs["triage"], config),
         logs=logs if keep_logs else {},
     )
 
@@ -610,8 +698,36 @@ class Experiment:
     seconds: float
 
 
-def run_experiment(config: SimulationConfig, runs: int = 1) -> Experiment:
-    """Simulate ``runs`` days; the first keeps its event logs (for the plots)."""
+def run_experiment(
+    config: SimulationConfig, runs: int = DEFAULT_RUNS, *, keep_logs: bool = True
+) -> Experiment:
+    """Simulate ``runs`` days; the first keeps its event logs (for the plots) if ``keep_logs``."""
     started = time.perf_counter()
-    results = [run_day(config, config.seed + k, keep_logs=(k == 0)) for k in range(max(1, runs))]
+    results = [
+        run_day(config, config.seed + k, keep_logs=keep_logs and k == 0)
+        for k in range(max(1, runs))
+    ]
     return Experiment(config, results, time.perf_counter() - started)
+
+
+@dataclass
+class Sweep:
+    """A grid of configurations, each simulated on the same days (common random numbers)."""
+
+    parameters: list[tuple[str, list[float]]]  # (name, values), the first varies slowest
+    cells: list[tuple[dict[str, float], Experiment]]  # (parameter values, its days)
+    seconds: float
+
+
+def run_sweep(
+    cells: Sequence[tuple[dict[str, float], SimulationConfig]],
+    parameters: list[tuple[str, list[float]]],
+    runs: int = SWEEP_DEFAULT_RUNS,
+) -> Sweep:
+    """Simulate ``runs`` days of every cell (from :func:`~triage.simulate.config.sweep_grid`).
+
+    Every cell uses the same seeds, so cells differ only in the swept parameters.
+    """
+    started = time.perf_counter()
+    done = [(values, run_experiment(cfg, runs, keep_logs=False)) for values, cfg in cells]
+    return Sweep(parameters, done, time.perf_counter() - started)
