@@ -465,6 +465,10 @@ def evaluate(
         str | None, typer.Option(help="Finding code (default: the model's first).")
     ] = None,
     seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    members: Annotated[
+        int | None, typer.Option(help="Ensemble members (default: the device's default).")
+    ] = None,
     registry_uri: RegistryUri = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -506,7 +510,13 @@ def evaluate(
     task = progress.add_task(f"{spec.name} {spec.version}", total=len(records))
     with progress:
         ev = run_eval(
-            build_model(spec, store),
+            build_model(
+                spec,
+                store,
+                device=device,
+                members=members,
+                precision="fp32" if device == "cpu" else "auto",
+            ),
             records,
             finding=code,
             synthetic=ds.meta.get("source") == "synth",

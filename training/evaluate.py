@@ -67,6 +67,11 @@ def finding_score(spec: FindingSpec, finding: Finding) -> float:
     return float(finding.score)
 
 
+#: Edges (ml) of the detection-limit table: between the synthetic generator's nominal lesion
+#: volumes (2, 5, 10, 25 ml), so that a lesion's voxel-counted volume never straddles an edge.
+DETECTION_BINS_ML: tuple[float, ...] = (0.0, 1.5, 3.5, 7.5, 17.5, math.inf)
+
+
 @dataclass
 class StudyResult:
     """One study's outcome (a row of ``per_study.csv``)."""
@@ -219,7 +224,14 @@ def evaluate(
         )
         if progress:
             progress(done, len(labelled))
-    summary = summarise(rows, threshold=cut, n_boot=n_boot, seed=seed, synthetic=synthetic)
+    summary = summarise(
+        rows,
+        threshold=cut,
+        n_boot=n_boot,
+        seed=seed,
+        synthetic=synthetic,
+        volume_bins=DETECTION_BINS_ML,
+    )
     summary.metrics["failed"] = float(sum(1 for r in results if r.error))
     evaluation = Evaluation(
         model=spec.name,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from training.candidate import candidate_spec, read_candidate, write_candidate
+from training.card import model_card
 from training.data.dataset import Dataset, StudyRecord, read_dataset
 from training.data.samples import (
     HAS_MASK,
@@ -98,6 +99,7 @@ class FitOutcome:
     run_id: str = ""
     model_uri: str = ""
     version: str = ""
+    card: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -301,6 +303,23 @@ def fit(
         n_boot=options.n_boot,
     )
     outcome.test = test
+    card = model_card(
+        spec,
+        evaluation=test,
+        dataset_meta=dataset.meta,
+        provenance={
+            **provenance,
+            "splits": {k: len(v) for k, v in parts.items()},
+            "test_fingerprint": fingerprint(parts["test"]),
+            "batch_size": options.batch_size,
+            "lr": options.lr,
+            "init": options.init,
+            "device": str(device),
+        },
+        synthetic=synthetic,
+    )
+    outcome.card = options.out / "model_card.md"
+    outcome.card.write_text(card, "utf-8")
     if options.uri:
         stage("logging the run to MLflow and registering the version")
         _log(options, outcome, provenance, parts, device)
@@ -318,7 +337,8 @@ def _choose(
     y, s = val.summary.y_true, val.summary.y_score
     if y.size == 0 or y.min() == y.max():
         return base, "kept the base threshold: the validation split lacks a class", val
-    op = choose_threshold(y, s, rule=options.threshold_rule, target=options.threshold_target)
+    target = None if options.threshold_rule == "youden" else options.threshold_target
+    op = choose_threshold(y, s, rule=options.threshold_rule, target=target)
     if not math.isfinite(op.threshold) or op.threshold <= 0:
         return base, "kept the base threshold: no positive threshold on validation", val
     how = (
@@ -380,6 +400,8 @@ def _log(
         c.set_tag(
             run_id, "note", "trained on synthetic data: a demonstration, not a clinical model"
         )
+    if outcome.card is not None:
+        c.log_artifact(run_id, str(outcome.card))
     uri, version = log_model_version(run_id, outcome.candidate, register=options.register)
     if version:
         # promote compares on this same frozen test split without running it again.
