@@ -20,13 +20,14 @@ import secrets
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from triage.cli import _fail, _settings  # one line on stderr and exit 2; TRIAGE_* settings
 from triage.config import Settings
 
 app = typer.Typer(
@@ -71,20 +72,6 @@ def _requirements() -> None:
             f"triage-train needs the train extra ({', '.join(missing)} missing):"
             " pip install 'triage[train]'"
         )
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _settings(data_dir: Path | None) -> Settings:
-    from pydantic import ValidationError
-
-    try:
-        return Settings(data_dir=data_dir) if data_dir is not None else Settings()
-    except ValidationError as exc:
-        _fail(f"invalid setting: {exc.errors()[0]['msg']}")
 
 
 def _logging() -> None:
