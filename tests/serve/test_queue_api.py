@@ -75,3 +75,30 @@ def test_policy_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no service-level time for \\['routine'\\]"):
         load_policy(bad)
     assert load_policy(None).digest() != config.digest()
+
+
+def test_worklist_pages_over_http(db: Database) -> None:
+    for i in range(7):
+        add_study(db, f"5.{i}", 20 - i)
+    client = TestClient(create_app(db))
+    alice = auth_headers(db, "alice", Role.radiologist)
+    first = client.get("/api/worklist", params={"limit": 3}, headers=alice).json()
+    assert first["total"] == 7 and first["next_offset"] == 3
+    assert [i["rank"] for i in first["items"]] == [1, 2, 3]
+    seen = [i["StudyInstanceUID"] for i in first["items"]]
+    offset = first["next_offset"]
+    while offset is not None:
+        page = client.get(
+            "/api/worklist", params={"limit": 3, "offset": offset}, headers=alice
+        ).json()
+        seen += [i["StudyInstanceUID"] for i in page["items"]]
+        offset = page["next_offset"]
+    whole = client.get("/api/worklist", params={"limit": 1000}, headers=alice).json()["items"]
+    assert seen == [i["StudyInstanceUID"] for i in whole]  # each once, in order
+    assert sorted(seen) == [f"5.{i}" for i in range(7)]
+    # Claimed by /next: the next page request shows it claimed, the total unchanged.
+    client.post("/api/worklist/next", json={}, headers=alice)
+    after = client.get("/api/worklist", params={"limit": 1}, headers=alice).json()
+    assert after["items"][0]["claimed_by"] == "alice" and after["total"] == 7
+    too_many = client.get("/api/worklist", params={"limit": 100000}, headers=alice)
+    assert too_many.status_code == 422 and "limit" in too_many.text

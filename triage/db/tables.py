@@ -5,7 +5,7 @@ The schema is created and changed only by Alembic migrations in ``triage/migrati
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -24,12 +25,27 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from triage.domain import AIStatus, ReadState, SeriesState
 
 
+RANK_STALE = datetime(1970, 1, 1, tzinfo=UTC)
+"""``studies.rank_valid_until`` of a study whose worklist rank must be computed again."""
+
+
 class Base(DeclarativeBase):
     pass
 
 
 class StudyRow(Base):
     __tablename__ = "studies"
+    __table_args__ = (
+        Index(
+            "ix_studies_rank",
+            "rank_tier",
+            "rank_severity",
+            "rank_a",
+            "rank_b",
+            "rank_c",
+            "StudyInstanceUID",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     StudyInstanceUID: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -53,6 +69,27 @@ class StudyRow(Base):
     claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_by: Mapped[str | None] = mapped_column(String(64))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worklist's order, kept (worklist/rank.py): the policy's sort key for this study
+    # (rank_tier 9: read), its class, tier, deadline and reasons, when the key must be
+    # computed again (a time-driven change, or RANK_STALE after any change of what the policy
+    # reads), the policy digest it was computed with; modalities and subspecialties as
+    # "|CT|MR|" for filtering in SQL.
+    rank_tier: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    rank_severity: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rank_a: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    rank_b: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    rank_c: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    priority_class: Mapped[str | None] = mapped_column(String(16))
+    tier: Mapped[str | None] = mapped_column(String(16))
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rank_reasons: Mapped[list[str] | None] = mapped_column(JSON)
+    rank_valid_until: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=RANK_STALE, server_default="1970-01-01 00:00:00", index=True
+    )
+    rank_valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rank_policy: Mapped[str | None] = mapped_column(String(16), index=True)
+    modalities: Mapped[str | None] = mapped_column(String(128))
+    subspecialties: Mapped[str | None] = mapped_column(String(128))
 
     series: Mapped[list[SeriesRow]] = relationship(back_populates="study", order_by="SeriesRow.id")
     findings: Mapped[list[FindingRow]] = relationship(
@@ -112,6 +149,12 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Set when instances arrived while the job ran: the study is analysed again.
     stale: Mapped[int] = mapped_column(Integer, default=0)
+    # A worker process's claim: who runs it, until when (renewed by its heartbeats); a job
+    # whose lease lapsed is queued again for another worker.
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class FindingRow(Base):

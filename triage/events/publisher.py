@@ -1,19 +1,28 @@
 """The publisher: turns changes of the worklist into ``worklist_changed`` and ``task`` events.
 
-A background thread of ``triage serve`` computes the worklist every ``interval_seconds``
-(the same document as ``GET /api/worklist``, with the server's policy) and compares each
+A background thread of ``triage serve`` reads the kept order (:mod:`triage.worklist.rank`,
+the same order as ``GET /api/worklist`` with the server's policy) every ``interval_seconds``
+— one narrow indexed query for the placements, not the documents — and compares each
 study with the previous round, kept in memory:
 
-- a study whose (rank, class, tier, read state, reader, AI status) changed, appeared or
-  left the worklist (read) is listed in one ``worklist_changed`` event;
-- a study whose FHIR Task changed (anything but ``lastModified``) gets one ``task`` event
-  carrying the Task.
+- a study whose own placement or state (class, tier, reasons, read state, reader, AI status
+  or the time of its analysis) changed, that appeared, or that left the worklist (read) is
+  listed in one ``worklist_changed`` event with its current rank; a study whose rank moved
+  only because another was placed before it is not listed (re-read ``GET /api/worklist``
+  for positions);
+- each listed study's FHIR Task is compared too, and a ``task`` event carries one that
+  changed.
 
-At start the publisher takes the current worklist as its first snapshot and emits a single
-``worklist_changed`` event with ``"resync": true`` and no changes: what changed while the
-server was down is not replayed, so a consumer re-reads ``GET /api/worklist`` (and the
-Tasks it follows) when it sees ``resync``. Changes of time alone (a study becoming due soon
-or overdue) are changes too. Run one publisher per database.
+Only the listed studies' documents are read. At start the publisher takes the current
+order as its first snapshot and emits a single ``worklist_changed`` event with
+``"resync": true`` and no changes: what changed while no publisher ran is not replayed, so a
+consumer re-reads ``GET /api/worklist`` (and the Tasks it follows) when it sees ``resync``.
+Changes of time alone (a study becoming due soon or overdue) are changes too.
+
+One publisher runs per database: on PostgreSQL each ``triage serve`` process's publisher
+tries a session-level advisory lock every round and publishes only while it holds it (when
+the holder stops or its connection drops, another takes over and starts with ``resync``);
+on SQLite the one ``triage serve`` publishes.
 """
 
 from __future__ import annotations
@@ -26,18 +35,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Connection, select, text
+from sqlalchemy.orm import Session
 
 from triage.db import Database
 from triage.db.tables import StudyRow
 from triage.domain import ReadState
 from triage.events import outbox
-from triage.events.fhir import comparable, task_from_item
+from triage.events.fhir import task_from_item
 from triage.worklist import service
-from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig, place
+from triage.worklist.priority import DEFAULT_POLICY, POLICY_VERSION, PolicyConfig
+from triage.worklist.rank import RANK_ORDER, waiting
 
 log = logging.getLogger(__name__)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
 
 _CHANGE_FIELDS = (
     "rank",
@@ -49,17 +64,8 @@ _CHANGE_FIELDS = (
     "ai_status",
     "reasons",
 )
-
-
-def _key(item: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        item.get("rank"),
-        item.get("priority_class"),
-        item.get("tier"),
-        item.get("read_state"),
-        item.get("claimed_by"),
-        item.get("ai_status"),
-    )
+_LEADER_LOCK = 0x7472_6961_6765_0001
+"""The PostgreSQL advisory lock that makes one process the publisher ("triage" + 1)."""
 
 
 def _change(change: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -68,35 +74,31 @@ def _change(change: str, item: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _load(s: Session, uids: Collection[str]) -> dict[str, StudyRow]:
+    out: dict[str, StudyRow] = {}
+    ordered = sorted(uids)
+    for start in range(0, len(ordered), 500):
+        batch = ordered[start : start + 500]
+        stmt = (
+            select(StudyRow)
+            .where(StudyRow.StudyInstanceUID.in_(batch))
+            .options(*service.ITEM_LOADS)
+        )
+        out.update((st.StudyInstanceUID, st) for st in s.scalars(stmt))
+    return out
+
+
 def study_outside_worklist(
     db: Database, study_uid: str, now: datetime, config: PolicyConfig = DEFAULT_POLICY
 ) -> dict[str, Any] | None:
-    """A study that is not on the worklist (read already) as an item without a rank.
+    """A study as an item without a rank (a study that has been read: tier ``read``).
 
     Returns None when the study is unknown.
     """
-    detail = service.study_detail(db, study_uid)
-    if detail is None:
-        return None
     with db.session() as s:
-        study = s.scalar(
-            select(StudyRow)
-            .where(StudyRow.StudyInstanceUID == study_uid)
-            .options(selectinload(StudyRow.findings), selectinload(StudyRow.series))
-        )
-        if study is None:
-            return None
-        ctx = service.context_of(study, now)
-    _key_, cls, deadline, tier, reasons = place(ctx, now, config)
-    item = {k: v for k, v in detail.items() if k not in ("series", "routing", "overlays")}
-    item.update(
-        rank=None,
-        priority_class=cls,
-        deadline=deadline.isoformat(),
-        tier="read" if item.get("read_state") == ReadState.completed else tier,
-        reasons=reasons,
-    )
-    return item
+        service.ranked(s, None, config)
+        study = _load(s, [study_uid]).get(study_uid)
+        return None if study is None else service.item_of(study, None, now)
 
 
 def study_item(
@@ -104,16 +106,57 @@ def study_item(
 ) -> dict[str, Any] | None:
     """One study's worklist item (with its rank), or its item without a rank when it has
     been read; None when the study is unknown."""
-    for item in service.worklist(db, now=now, config=config)["items"]:
-        if item["StudyInstanceUID"] == study_uid:
-            return item
-    return study_outside_worklist(db, study_uid, now, config)
+    with db.session() as s:
+        service.ranked(s, None, config)
+        study = _load(s, [study_uid]).get(study_uid)
+        return None if study is None else service.study_item(s, study, now)
+
+
+class _Leadership:
+    """Whether this process is the database's publisher (always, on SQLite)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Connection | None = None
+
+    def held(self) -> bool:
+        if self.db.engine.dialect.name != "postgresql":
+            return True
+        if self._conn is not None:
+            try:
+                self._conn.exec_driver_sql("SELECT 1")
+                self._conn.commit()
+                return True
+            except Exception:
+                log.warning("lost the publisher's database connection; electing again")
+                self.release()
+        conn = self.db.engine.connect()
+        try:
+            got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LEADER_LOCK}))
+            conn.commit()
+        except Exception:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        log.info("this process publishes the worklist's events")
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # the session-level lock goes with the connection
+            except Exception:
+                log.debug("closing the publisher's connection failed", exc_info=True)
+            self._conn = None
 
 
 @dataclass(frozen=True)
 class _Seen:
+    rank: int
     key: tuple[Any, ...]
-    task: dict[str, Any]  # without lastModified
 
 
 class Publisher:
@@ -148,6 +191,7 @@ class Publisher:
         self.prune_every = prune_every
         self.version = 0
         self._snapshot: dict[str, _Seen] | None = None
+        self._leadership = _Leadership(db)
         self._last_prune: datetime | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -162,18 +206,18 @@ class Publisher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._leadership.release()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self.tick()
-                self._maybe_prune()
+                if self.tick() >= 0 and self._snapshot is not None:
+                    self._maybe_prune()  # the publisher alone prunes
             except Exception:
                 log.exception("publishing worklist changes failed")
-            # Ranking a long worklist costs CPU that the DICOM listener shares (one Python
-            # process): keep this thread under about a tenth of it (2,000 waiting studies
-            # take about 0.2 s to rank, so changes are then published every 2 s).
+            # Reading every placement costs CPU that the DICOM listener shares (one Python
+            # process): keep this thread under about a tenth of it on a very long list.
             elapsed = time.monotonic() - started
             self._stop.wait(max(self.interval_seconds, 9 * elapsed))
 
@@ -191,25 +235,51 @@ class Publisher:
     ) -> None:
         outbox.emit(s, kind, uid, payload, webhook=kind in self.webhook_kinds, now=now)
 
+    def _placements(self, now: datetime | None) -> tuple[datetime, dict[str, _Seen]]:
+        """Every waiting study's rank and what makes its placement (one indexed query)."""
+        with self.db.session() as s:
+            now = service.ranked(s, now, self.policy)
+            rows = s.execute(
+                select(
+                    StudyRow.StudyInstanceUID,
+                    StudyRow.priority_class,
+                    StudyRow.tier,
+                    StudyRow.rank_reasons,
+                    StudyRow.read_state,
+                    StudyRow.claimed_by,
+                    StudyRow.claim_expires_at,
+                    StudyRow.ai_status,
+                    StudyRow.ai_updated_at,
+                )
+                .where(waiting())
+                .order_by(*RANK_ORDER)
+            ).all()
+        current: dict[str, _Seen] = {}
+        for position, row in enumerate(rows, start=1):
+            uid, cls, tier, reasons, state, reader, expires, ai_status, ai_at = row
+            if state == ReadState.claimed and expires is not None and _utc(expires) < now:
+                state, reader = ReadState.unread.value, None  # an abandoned claim
+            analysed = _utc(ai_at) if ai_at is not None else None
+            key = (cls, tier, tuple(reasons or ()), state, reader, ai_status, analysed)
+            current[uid] = _Seen(position, key)
+        return now, current
+
     def tick(self, now: datetime | None = None) -> int:
-        """Compare the worklist with the previous round and emit the changes.
+        """Compare the order with the previous round and emit the changes.
 
         Returns:
-            The number of events emitted (the first round emits one ``resync`` event).
+            The number of events emitted (the first round emits one ``resync`` event; a
+            process that is not the database's publisher emits none).
         """
-        now = now or datetime.now(UTC)
-        doc = service.worklist(self.db, now=now, config=self.policy)
-        items = {item["StudyInstanceUID"]: item for item in doc["items"]}
-        tasks = {
-            uid: task_from_item(item, now, accession_system=self.accession_system)
-            for uid, item in items.items()
-        }
-        current = {uid: _Seen(_key(items[uid]), comparable(tasks[uid])) for uid in items}
+        if not self._leadership.held():
+            self._snapshot = None  # resync when this process becomes the publisher
+            return 0
+        now, current = self._placements(now)
         header = {
             "generated_at": now.isoformat(),
-            "policy": doc["policy"],
-            "policy_config": doc["policy_config"],
-            "count": len(items),
+            "policy": POLICY_VERSION,
+            "policy_config": self.policy.digest(),
+            "count": len(current),
         }
         previous = self._snapshot
         if previous is None:
@@ -220,29 +290,37 @@ class Publisher:
             self._snapshot = current
             return 1
 
-        changes: list[dict[str, Any]] = []
-        changed_tasks: list[tuple[str, dict[str, Any]]] = []
-        for uid, seen in current.items():
-            old = previous.get(uid)
-            if old is None:
-                changes.append(_change("added", items[uid]))
-            elif old.key != seen.key:
-                changes.append(_change("updated", items[uid]))
-            if old is None or old.task != seen.task:
-                changed_tasks.append((uid, tasks[uid]))
-        for uid in sorted(previous.keys() - current.keys()):
-            gone = study_outside_worklist(self.db, uid, now, self.policy)
-            if gone is None:
-                changes.append({"StudyInstanceUID": uid, "change": "removed"})
-                continue
-            completed = gone.get("read_state") == ReadState.completed
-            changes.append(_change("completed" if completed else "removed", gone))
-            changed_tasks.append(
-                (uid, task_from_item(gone, now, accession_system=self.accession_system))
-            )
-        if not changes and not changed_tasks:
+        added = [uid for uid in current if uid not in previous]
+        updated = [
+            uid
+            for uid, seen in current.items()
+            if uid in previous and previous[uid].key != seen.key
+        ]
+        gone = sorted(previous.keys() - current.keys())
+        if not added and not updated and not gone:
             self._snapshot = current
             return 0
+        changes: list[dict[str, Any]] = []
+        changed_tasks: list[tuple[str, dict[str, Any]]] = []
+        with self.db.session() as s:
+            studies = _load(s, [*added, *updated, *gone])
+            for kind, uids in (("added", added), ("updated", updated)):
+                for uid in uids:
+                    study = studies.get(uid)
+                    if study is None:
+                        continue
+                    item = service.item_of(study, current[uid].rank, now)
+                    changes.append(_change(kind, item))
+                    changed_tasks.append((uid, self._task(item, now)))
+            for uid in gone:
+                study = studies.get(uid)
+                if study is None:
+                    changes.append({"StudyInstanceUID": uid, "change": "removed"})
+                    continue
+                item = service.item_of(study, None, now)
+                completed = item.get("read_state") == ReadState.completed
+                changes.append(_change("completed" if completed else "removed", item))
+                changed_tasks.append((uid, self._task(item, now)))
         changes.sort(key=lambda c: (c.get("rank") is None, c.get("rank") or 0))
         emitted = 0
         with self.db.session() as s:
@@ -262,3 +340,6 @@ class Publisher:
             self.version += 1
         self._snapshot = current
         return emitted
+
+    def _task(self, item: dict[str, Any], now: datetime) -> dict[str, Any]:
+        return task_from_item(item, now, accession_system=self.accession_system)

@@ -66,6 +66,8 @@ from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_SCRIPTS = frozenset({"login.js", "admin.js", "viewer.js"})
+MAX_PAGE = 1000
+"""The most worklist items one request may ask for (`GET /api/worklist?limit=`)."""
 
 
 def get_db(request: Request) -> Database:
@@ -254,14 +256,21 @@ def create_app(
         modality: Annotated[list[str] | None, Query()] = None,
         subspecialty: Annotated[list[str] | None, Query()] = None,
         include_completed: bool = False,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")] = 100,
+        offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
     ) -> dict[str, Any]:
-        """The reading worklist in reading order (filters: ``?modality=CT&subspecialty=neuro``)."""
+        """One page of the reading worklist in reading order (filters:
+        ``?modality=CT&subspecialty=neuro``; pages: ``?limit=100&offset=0``). ``total`` is
+        the number of studies the filters admit, ``next_offset`` the next page's offset
+        (null after the last page); ``rank`` counts from 1 in the filtered list."""
         return service.worklist(
             db,
             config=request.app.state.policy,
             modalities=modality or (),
             subspecialties=subspecialty or (),
             include_completed=include_completed,
+            limit=limit,
+            offset=offset,
         )
 
     @app.post("/api/worklist/next")

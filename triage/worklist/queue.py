@@ -18,9 +18,13 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db import Database
-from triage.db.tables import StudyRow
+from triage.db.tables import RANK_STALE, StudyRow
 from triage.domain import ReadState
+from triage.worklist import rank
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
+from triage.worklist.rank import claimable
+
+__all__ = ["ClaimError", "claim", "claim_next", "claimable", "complete", "release", "renew"]
 
 # Matched with fullmatch: ``$`` would also accept a name ending in a newline ("alice\n"),
 # which plain "alice" could then never release.
@@ -47,14 +51,6 @@ def check_reader(reader: str) -> str:
     if not _READER_RE.fullmatch(reader or ""):
         raise ClaimError(400, "reader must be 1-64 letters, digits or . _ @ -")
     return reader
-
-
-def claimable(now: datetime) -> ColumnElement[bool]:
-    """Unread, or claimed with an expired lease (an abandoned claim)."""
-    return or_(
-        StudyRow.read_state == ReadState.unread,
-        and_(StudyRow.read_state == ReadState.claimed, StudyRow.claim_expires_at < now),
-    )
 
 
 def _held_by(reader: str, now: datetime) -> ColumnElement[bool]:
@@ -151,6 +147,7 @@ def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None 
         "completed_by": reader,
         "completed_at": now,
         "claim_expires_at": None,
+        "rank_valid_until": RANK_STALE,  # ranked again: after the waiting studies
     }
     _transition(db, study_uid, reader, now, _held_by(reader, now), values)
 
@@ -167,53 +164,45 @@ def claim_next(
 ) -> dict[str, Any] | None:
     """Claim the first study in reading order that the reader may take (filters applied).
 
+    The order is the one kept in the database (:mod:`triage.worklist.rank`): the first
+    claimable row of the index, locked with ``SKIP LOCKED`` on PostgreSQL so that readers
+    asking at the same moment take the next rows instead of waiting for one another; on
+    SQLite writes are serial and a lost race (the conditional UPDATE finds the study taken)
+    moves on to the next row.
+
     Returns:
-        The worklist item of the claimed study (with ``claim_expires_at``), or None when
-        nothing is waiting.
+        The worklist item of the claimed study (with ``claim_expires_at`` and its ``rank``
+        among the waiting studies the filters admit), or None when nothing is waiting.
     """
-    from triage.worklist.service import worklist
+    from triage.worklist import service
 
     check_reader(reader)
-    now = now or datetime.now(UTC)
-    doc = worklist(
-        db,
-        now=now,
-        config=config,
-        modalities=modalities,
-        subspecialties=subspecialties,
-        claimable_only=True,
-    )
-    candidates = [item["StudyInstanceUID"] for item in doc["items"]]
-    for start in range(0, len(candidates), 20):
-        batch = candidates[start : start + 20]
+    with db.session() as s:
+        now = service.ranked(s, now, config)
+    expires = now + lease
+    conditions = [claimable(now), *rank.filters(modalities, subspecialties)]
+    skipped: list[int] = []
+    while True:
         with db.session() as s:
-            # PostgreSQL: lock the batch's still-claimable rows, skipping rows another
-            # reader is claiming right now; SQLite ignores FOR UPDATE (writes are serial).
-            free = set(
-                s.scalars(
-                    select(StudyRow.StudyInstanceUID)
-                    .where(StudyRow.StudyInstanceUID.in_(batch), claimable(now))
-                    .with_for_update(skip_locked=True)
-                )
+            stmt = select(StudyRow.id).where(*conditions)
+            if skipped:
+                stmt = stmt.where(StudyRow.id.not_in(skipped))
+            study_id = s.scalar(
+                stmt.order_by(*rank.RANK_ORDER).limit(1).with_for_update(skip_locked=True)
             )
-            for uid in batch:
-                if uid not in free:
-                    continue
-                result = s.execute(
-                    update(StudyRow)
-                    .where(StudyRow.StudyInstanceUID == uid, claimable(now))
-                    .values(
-                        read_state=ReadState.claimed,
-                        claimed_by=reader,
-                        claim_expires_at=now + lease,
-                    )
-                )
-                if _rowcount(result) == 1:
-                    item = next(i for i in doc["items"] if i["StudyInstanceUID"] == uid)
-                    item.update(
-                        read_state=ReadState.claimed,
-                        claimed_by=reader,
-                        claim_expires_at=(now + lease).isoformat(),
-                    )
-                    return item
-    return None
+            if study_id is None:
+                return None
+            result = s.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study_id, claimable(now))
+                .values(read_state=ReadState.claimed, claimed_by=reader, claim_expires_at=expires)
+            )
+            if _rowcount(result) != 1:
+                skipped.append(study_id)  # another reader took it first (SQLite)
+                continue
+            study = s.scalars(
+                select(StudyRow).where(StudyRow.id == study_id).options(*service.ITEM_LOADS)
+            ).one()
+            return service.study_item(
+                s, study, now, modalities=modalities, subspecialties=subspecialties
+            )

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from triage.db import Database
 from triage.db.tables import StudyRow
 from triage.dicomout.index import study_results
-from triage.domain import Finding, ReadState
-from triage.preprocess.routing import regions_from_text
-from triage.worklist import acknowledgements, feedback
-from triage.worklist.priority import (
-    DEFAULT_POLICY,
-    POLICY_VERSION,
-    PolicyConfig,
-    StudyContext,
-    rank_studies,
-)
+from triage.domain import ReadState
+from triage.worklist import acknowledgements, feedback, rank
+from triage.worklist.priority import DEFAULT_POLICY, POLICY_VERSION, PolicyConfig
+from triage.worklist.rank import context_of, subspecialties
+
+__all__ = ["context_of", "study_detail", "study_item", "subspecialties", "worklist"]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -35,38 +31,11 @@ def _iso(value: datetime | None) -> str | None:
     return v.isoformat() if v else None
 
 
-def _findings(study: StudyRow) -> list[Finding]:
-    return [Finding.from_json(f.payload) for f in study.findings]
-
-
-def _modalities(study: StudyRow) -> list[str]:
-    return sorted({se.Modality for se in study.series if se.Modality})
-
-
-_SUBSPECIALTY_OF_REGION = {
-    "HEAD": "neuro",
-    "NECK": "neuro",
-    "SPINE": "msk",
-    "CHEST": "chest",
-    "ABDOMEN": "body",
-    "PELVIS": "body",
-    "EXTREMITY": "msk",
-    "BREAST": "breast",
-}
-
-
-def subspecialties(study: StudyRow) -> list[str]:
-    """Reading subspecialties of a study, from the body regions its series show."""
-    regions: set[str] = set()
-    routing = study.routing or {}
-    for entry in (routing.get("series_regions") or {}).values():
-        regions.update(entry.get("regions") or [])
-    if not regions:
-        for se in study.series:
-            regions.update(regions_from_text(se.BodyPartExamined or "", se.SeriesDescription or ""))
-        regions.update(regions_from_text("", study.StudyDescription or ""))
-    found = sorted({_SUBSPECIALTY_OF_REGION.get(r, "general") for r in regions})
-    return found or ["general"]
+def _kept_or(
+    kept: list[str] | None, compute: Callable[[StudyRow], list[str]], study: StudyRow
+) -> list[str]:
+    """A value the ranking keeps on the row, else computed (a study not ranked yet)."""
+    return kept if kept is not None else compute(study)
 
 
 def _study_summary(study: StudyRow) -> dict[str, Any]:
@@ -77,8 +46,10 @@ def _study_summary(study: StudyRow) -> dict[str, Any]:
         "PatientName": study.PatientName,
         "StudyDescription": study.StudyDescription,
         "StudyDate": study.StudyDate,
-        "ModalitiesInStudy": _modalities(study),
-        "subspecialties": subspecialties(study),
+        "ModalitiesInStudy": _kept_or(rank.kept_tags(study.modalities), rank.modalities, study),
+        "subspecialties": _kept_or(
+            rank.kept_tags(study.subspecialties), rank.subspecialties, study
+        ),
         "order_priority": study.order_priority,
         "location_class": study.location_class,
         "received_at": _iso(study.first_received_at),
@@ -94,26 +65,37 @@ def _study_summary(study: StudyRow) -> dict[str, Any]:
     }
 
 
-def _load_studies(s: Session, *, include_completed: bool = False) -> list[StudyRow]:
-    stmt = select(StudyRow).options(
-        selectinload(StudyRow.series),
-        selectinload(StudyRow.findings),
-        selectinload(StudyRow.acknowledgements),
-    )
-    if not include_completed:
-        stmt = stmt.where(StudyRow.read_state != ReadState.completed)
-    return list(s.scalars(stmt).all())
+ITEM_LOADS = (
+    selectinload(StudyRow.series),
+    selectinload(StudyRow.findings),
+    selectinload(StudyRow.acknowledgements),
+)
+"""What a worklist item reads of a study besides its row."""
 
 
-def context_of(study: StudyRow, now: datetime) -> StudyContext:
-    """What the priority policy sees of a study."""
-    return StudyContext(
-        StudyInstanceUID=study.StudyInstanceUID,
-        arrived_at=_utc(study.first_received_at) or now,
-        order_priority=study.order_priority,
-        findings=_findings(study),
-        location=study.location_class,
-    )
+def item_of(study: StudyRow, position: int | None, now: datetime) -> dict[str, Any]:
+    """A study's worklist item: its summary, its read state as of ``now`` (an abandoned
+    claim is unread again) and its kept placement with ``rank`` = ``position``."""
+    item = _study_summary(study)
+    expires = _utc(study.claim_expires_at)
+    if study.read_state == ReadState.claimed and expires is not None and expires < now:
+        item["read_state"] = ReadState.unread.value  # an abandoned claim: back in the queue
+        item["claimed_by"] = None
+    item.update(rank.placement(study, position))
+    return item
+
+
+def ranked(session: Session, now: datetime | None, config: PolicyConfig) -> datetime:
+    """Bring the kept order up to date for ``now`` (default: the current time) in the
+    caller's transaction; returns the evaluation time."""
+    past = now is not None  # a caller's own moment may precede placements kept since
+    now = now or datetime.now(UTC)
+    rank.refresh(session, now, config, past=past)
+    return now
+
+
+def _count(session: Session, conditions: Sequence[Any]) -> int:
+    return int(session.scalar(select(func.count(StudyRow.id)).where(*conditions)) or 0)
 
 
 def worklist(
@@ -125,41 +107,49 @@ def worklist(
     subspecialties: Sequence[str] = (),
     claimable_only: bool = False,
     include_completed: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> dict[str, Any]:
-    """The worklist document: ``{"items": [...]}`` in reading order.
+    """The worklist document: ``{"items": [...], "total": N, ...}`` in reading order.
 
     Args:
-        now: evaluation time (deadlines, aging, leases).
+        now: evaluation time (deadlines, aging, leases); default the current time.
         config: the priority policy's configuration.
         modalities / subspecialties: keep studies with one of these (empty: all).
         claimable_only: only unread studies and claims whose lease has expired.
-        include_completed: also list studies already read (ranked with the rest).
+        include_completed: also list studies already read (after the waiting ones, the
+            latest read first).
+        limit / offset: one page of the list (``limit`` None: all of it from ``offset``).
+            ``rank`` is the position in the list asked for (filters applied), from 1;
+            ``total`` the length of that list; ``next_offset`` the next page's offset
+            (None after the last page).
     """
-    now = now or datetime.now(UTC)
-    wanted_modalities = {m.upper() for m in modalities}
-    wanted_subspecialties = {s.lower() for s in subspecialties}
     with db.session() as s:
-        studies = _load_studies(s, include_completed=include_completed)
-        by_uid = {st.StudyInstanceUID: st for st in studies}
-        contexts = [context_of(st, now) for st in studies]
-        items = []
-        for placement in rank_studies(contexts, now, config):
-            study = by_uid[placement.StudyInstanceUID]
-            item = _study_summary(study)
-            if wanted_modalities and not wanted_modalities & set(item["ModalitiesInStudy"]):
-                continue
-            if wanted_subspecialties and not wanted_subspecialties & set(item["subspecialties"]):
-                continue
-            expires = _utc(study.claim_expires_at)
-            if study.read_state == ReadState.claimed and expires is not None and expires < now:
-                item["read_state"] = ReadState.unread.value  # an abandoned claim: back in the queue
-                item["claimed_by"] = None
-            if claimable_only and item["read_state"] != ReadState.unread:
-                continue
-            item.update(placement.to_json())
-            items.append(item)
+        now = ranked(s, now, config)
+        conditions = rank.filters(modalities, subspecialties)
+        if not include_completed:
+            conditions.append(rank.waiting())
+        if claimable_only:
+            conditions.append(rank.claimable(now))
+        total = _count(s, conditions)
+        stmt = (
+            select(StudyRow)
+            .where(*conditions)
+            .options(*ITEM_LOADS)
+            .order_by(*rank.RANK_ORDER)
+            .offset(offset)
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        studies = list(s.scalars(stmt).all())
+        items = [item_of(st, offset + i, now) for i, st in enumerate(studies, start=1)]
+    end = offset + len(items)
     return {
         "items": items,
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "next_offset": end if end < total else None,
         "policy": POLICY_VERSION,
         "policy_config": config.digest(),
         # Findings that make a study critical under this policy (the page shows them in red).
@@ -168,6 +158,23 @@ def worklist(
         ),
         "generated_at": now.isoformat(),
     }
+
+
+def study_item(
+    session: Session,
+    study: StudyRow,
+    now: datetime,
+    *,
+    modalities: Sequence[str] = (),
+    subspecialties: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One study's worklist item with its rank among the waiting studies (filters applied;
+    ``rank`` None once it has been read). The kept order must be up to date (:func:`ranked`)."""
+    position: int | None = None
+    if study.read_state != ReadState.completed:
+        conditions = [rank.waiting(), rank.ahead_of(study)]
+        position = 1 + _count(session, [*conditions, *rank.filters(modalities, subspecialties)])
+    return item_of(study, position, now)
 
 
 def study_detail(db: Database, study_uid: str) -> dict[str, Any] | None:

@@ -637,7 +637,7 @@ async function loadFeedback() {
 }
 async function loadCritical() {
   if (Array.isArray(view.doc.critical_findings)) { view.critical = new Set(view.doc.critical_findings); return; }
-  const res = await api("/api/worklist?include_completed=true");
+  const res = await api("/api/worklist?limit=1");
   if (res.ok) { view.critical = new Set((await res.json()).critical_findings || []); }
 }
 
