@@ -19,6 +19,8 @@ Two kinds of overlay:
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +84,8 @@ def overlay_path(results_dir: Path, study_uid: str, finding: str) -> Path:
 
 def save_overlay(path: Path, overlay: Overlay) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of its own: two workers may write one study's overlay at once (a lapsed lease).
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp.npz")
     np.savez_compressed(
         tmp,
         kind=np.asarray(overlay.kind),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -389,3 +390,24 @@ def test_a_different_instance_is_named_by_the_attributes_that_differ(
     assert "differs in PatientID, PixelData" in reason, reason
     assert "CORRECTED" not in reason  # attribute names, never values
     assert item["sha256"] == hashlib.sha256(second).hexdigest()
+
+
+def test_a_spooled_stow_body_of_another_server_is_kept_at_start(tmp_path: Path) -> None:
+    """Two servers may share a data directory: one starting must not delete the STOW-RS
+    body the other is still storing (only an hour-old spool file is a crash's leftover)."""
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    reading = incoming / "a.stow.part"
+    reading.write_bytes(b"x")
+    crashed = incoming / "b.stow.part"
+    crashed.write_bytes(b"x")
+    write = incoming / "c.part"
+    write.write_bytes(b"x")
+    ten_minutes_ago = time.time() - 600
+    os.utime(reading, (ten_minutes_ago, ten_minutes_ago))
+    os.utime(write, (ten_minutes_ago, ten_minutes_ago))
+    two_hours_ago = time.time() - 7200
+    os.utime(crashed, (two_hours_ago, two_hours_ago))
+    assert remove_stale_parts(incoming) == 2
+    assert reading.exists() and not crashed.exists() and not write.exists()

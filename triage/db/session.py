@@ -9,10 +9,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_MIGRATION_LOCK = 0x7472_6961_6765_0000
+"""The PostgreSQL advisory lock held while migrating ("triage" + 0)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -47,6 +49,10 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (run at start-up)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several processes starting at once on one database: one migrates, the others
+            # wait and then find the schema current (the lock ends with the transaction).
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -19,8 +19,8 @@ from typing import Protocol
 import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from sqlalchemy.engine import Connection
 
-from triage.db import Database
 from triage.ingest.files import instance_path, write_durably
 from triage.ingest.index import repoint_instance
 from triage.ingest.outcome import IngestOutcome, StoreStatus
@@ -105,7 +105,7 @@ def resolve_conflict(
     existing_path: Path,
     *,
     policy: DuplicatePolicy,
-    db: Database,
+    conn: Connection,
     store_dir: Path,
     tmp_dir: Path,
     keep: Keep,
@@ -116,9 +116,14 @@ def resolve_conflict(
 ) -> IngestOutcome:
     """A different instance under a known SOPInstanceUID, handled by ``policy``.
 
+    The caller holds the instance's lock (``Ingestor._instance_lock``): no other copy of it
+    is being stored meanwhile, in this process or another, so the replaced copy's file can
+    be removed.
+
     Args:
         data: the new copy as received; ``ds`` its parsed header.
         existing_path: the stored copy's file.
+        conn: the connection the index is changed through (the one holding the lock).
         warning: a warning status and note the new copy carries (when it is stored).
         differences: the attributes in which the data sets differ (named in the reason).
     """
@@ -134,9 +139,22 @@ def resolve_conflict(
             return IngestOutcome(
                 StoreStatus.out_of_resources, f"storage failed: {exc.strerror}", sop_uid
             )
-        repoint_instance(
-            db, sop_uid=sop_uid, path=dest, digest=digest, size=len(data), source=source, now=now
+        moved = repoint_instance(
+            conn,
+            sop_uid=sop_uid,
+            expected_path=existing_path,
+            path=dest,
+            digest=digest,
+            size=len(data),
+            source=source,
+            now=now,
         )
+        if not moved:  # the stored copy changed meanwhile (a process without the lock)
+            return IngestOutcome(
+                StoreStatus.out_of_resources,
+                "the stored copy changed while this one replaced it; retry later",
+                sop_uid,
+            )
         if existing_path != dest:
             existing_path.unlink(missing_ok=True)  # after the index points at the new copy
         log.info("instance from %s replaced a stored copy (policy replace)", source)

@@ -85,10 +85,14 @@ def remove_stale_parts(tmp_dir: Path, *, older_than_seconds: float = 60.0) -> in
     same data directory at that moment keeps its own.
     """
     cutoff = time.time() - older_than_seconds
+    # A STOW-RS body spooled by another server sharing the data directory is read for as
+    # long as its parts take to store: only an hour-old one is left by a crash.
+    spool_cutoff = time.time() - max(older_than_seconds, 3600.0)
     removed = 0
     for part in tmp_dir.glob("*.part"):
         try:
-            if part.stat().st_mtime < cutoff:
+            limit = spool_cutoff if part.name.endswith(".stow.part") else cutoff
+            if part.stat().st_mtime < limit:
                 part.unlink()
                 removed += 1
         except FileNotFoundError:

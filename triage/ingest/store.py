@@ -20,12 +20,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from triage.config import Settings
 from triage.db import Database
@@ -334,14 +338,44 @@ class Ingestor:
         now: datetime,
         warning: tuple[StoreStatus, str] | None,
     ) -> IngestOutcome:
-        sop_uid = str(ds.SOPInstanceUID)
-        # Copies of one SOPInstanceUID arriving at once (two associations, STOW and C-STORE)
-        # are handled one after the other.
-        with self._locks[int(hashed_name(sop_uid)[:8], 16) % len(self._locks)]:
-            return self._store_locked(data, ds, source=source, now=now, warning=warning)
+        with self._instance_lock(str(ds.SOPInstanceUID)) as conn:
+            return self._store_locked(conn, data, ds, source=source, now=now, warning=warning)
+
+    @contextmanager
+    def _instance_lock(self, sop_uid: str) -> Iterator[Connection]:
+        """Copies of one SOPInstanceUID are handled one after the other, from the look-up
+        of a stored copy to the last file removed: in this process (a thread lock), and on
+        PostgreSQL in every process of the database (a session-level advisory lock, held
+        by the connection yielded, which the index is written through). Instances of one
+        new study or series need no lock (see :func:`index_instance`).
+
+        The lock is what makes the content-addressed paths safe to share: two processes
+        writing the same copy write the same file, so none may remove a file (a copy that
+        lost, a replaced copy) while another could be pointing the index at it.
+        """
+        bucket = int(hashed_name(sop_uid)[:8], 16)
+        with self._locks[bucket % len(self._locks)], self.db.engine.connect() as conn:
+            if conn.dialect.name != "postgresql":
+                yield conn  # SQLite: the thread lock (one serving process) only
+                return
+            key = {"space": _LOCK_SPACE, "key": bucket - 2**31}
+            with conn.begin():
+                conn.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_WAIT_SECONDS}s'"))
+                conn.execute(text("SELECT pg_advisory_lock(:space, :key)"), key)
+            try:
+                yield conn
+            finally:
+                try:
+                    if conn.in_transaction():
+                        conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(:space, :key)"), key)
+                    conn.commit()
+                except SQLAlchemyError:
+                    conn.invalidate()  # the session ends, and its lock with it
 
     def _store_locked(
         self,
+        conn: Connection,
         data: bytes,
         ds: Dataset,
         *,
@@ -358,9 +392,11 @@ class Ingestor:
         def outcome(status: StoreStatus, reason: str, duplicate: bool = False) -> IngestOutcome:
             return IngestOutcome(status, reason, sop_uid, study_uid, sop_class, duplicate)
 
-        existing = stored_copy(self.db, sop_uid)
+        existing = stored_copy(conn, sop_uid)
         if existing is not None:
-            return self._resend(data, ds, digest, existing, source=source, now=now, warning=warning)
+            return self._resend(
+                conn, data, ds, digest, existing, source=source, now=now, warning=warning
+            )
 
         dest = instance_path(self.store_dir, study_uid, series_uid, sop_uid, digest)
         try:
@@ -370,10 +406,10 @@ class Ingestor:
             return outcome(StoreStatus.out_of_resources, f"storage failed: {exc.strerror}")
 
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-        for attempt in range(3):
+        for _attempt in range(3):
             try:
-                with self.db.engine.begin() as conn:
-                    index_instance(
+                with conn.begin() as trans:
+                    indexed = index_instance(
                         conn,
                         ds,
                         now=now,
@@ -383,29 +419,46 @@ class Ingestor:
                         ts=ts,
                         source=source,
                     )
-                break
-            except IntegrityError:
-                existing = stored_copy(self.db, sop_uid)
-                if existing is None:
-                    if attempt < 2:
-                        continue  # a first instance of the same new study or series won
-                    dest.unlink(missing_ok=True)
-                    raise
-                # Another process indexed the same SOPInstanceUID at the same moment.
-                if Path(existing[1]) != dest:
-                    dest.unlink(missing_ok=True)
-                return self._resend(
-                    data, ds, digest, existing, source=source, now=now, warning=warning
-                )
+                    if not indexed:
+                        trans.rollback()
+                existing = None if indexed else stored_copy(conn, sop_uid)
             except SQLAlchemyError:
-                dest.unlink(missing_ok=True)  # not indexed: nothing refers to it
+                self._discard_unindexed(conn, dest, sop_uid)
                 raise
+            if indexed:
+                break
+            if existing is not None:
+                # Indexed at the same moment by a process that does not share the lock
+                # (on SQLite: ``triage import`` beside ``triage serve``).
+                if existing[1] != dest:
+                    self._discard_unindexed(conn, dest, sop_uid)
+                return self._resend(
+                    conn, data, ds, digest, existing, source=source, now=now, warning=warning
+                )
+            # That copy's row is gone again: index this one.
+        else:
+            self._discard_unindexed(conn, dest, sop_uid)
+            raise RuntimeError("the instance could not be indexed")
         if warning is not None:
             return outcome(warning[0], f"stored with a warning: {warning[1]}")
         return outcome(StoreStatus.success, "stored")
 
+    def _discard_unindexed(self, conn: Connection, dest: Path, sop_uid: str) -> None:
+        """Remove a file written for an index row that did not commit, unless the index
+        points at it after all (a commit whose answer was lost) or cannot be asked (then
+        the file stays: the sender's retry writes the same path and indexes it)."""
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            existing = stored_copy(conn, sop_uid)
+        except SQLAlchemyError:
+            return
+        if existing is None or existing[1] != dest:
+            dest.unlink(missing_ok=True)
+
     def _resend(
         self,
+        conn: Connection,
         data: bytes,
         ds: Dataset,
         digest: str,
@@ -432,33 +485,12 @@ class Ingestor:
                 *ids,
                 duplicate=True,
             )
-        return self._conflict(
-            data,
-            ds,
-            Path(stored_path),
-            source=source,
-            now=now,
-            warning=warning,
-            differences=differences,
-        )
-
-    def _conflict(
-        self,
-        data: bytes,
-        ds: Dataset,
-        existing_path: Path,
-        *,
-        source: str,
-        now: datetime,
-        warning: tuple[StoreStatus, str] | None = None,
-        differences: list[str] | None = None,
-    ) -> IngestOutcome:
         return resolve_conflict(
             data,
             ds,
-            existing_path,
+            Path(stored_path),
             policy=self.duplicate_policy,
-            db=self.db,
+            conn=conn,
             store_dir=self.store_dir,
             tmp_dir=self.tmp_dir,
             keep=self.keep,
@@ -467,6 +499,12 @@ class Ingestor:
             warning=warning,
             differences=differences,
         )
+
+
+_LOCK_SPACE = 0x7472_6961
+"""The key space ("tria") of the PostgreSQL advisory locks on one SOPInstanceUID's copies."""
+_LOCK_WAIT_SECONDS = 60
+"""How long a copy waits for another copy of the same instance (then 0xA700, retry)."""
 
 
 @dataclass(frozen=True)
