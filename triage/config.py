@@ -175,7 +175,12 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(
         default=None, description="Where verified weights are cached; default <data_dir>/models."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where models run: auto (a CUDA GPU when there is one), cpu, cuda or"
+        " cuda:N (the GPU of that index, e.g. one per `triage worker`).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="Compute precision of the segmentation models; auto: bf16 on a CUDA GPU"
@@ -207,6 +212,25 @@ class Settings(BaseSettings):
         " (and again when it goes quiet).",
     )
     worker_poll_seconds: float = Field(default=0.5, gt=0)
+    embedded_worker: bool = Field(
+        default=True,
+        description="`triage serve` assembles and analyses studies itself (worker threads);"
+        " false: it only receives and serves, and `triage worker` processes analyse.",
+    )
+    job_lease_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="A worker's claim on an analysis job lapses this long after its last"
+        " renewal (renewed every third of it while it runs); the job of a worker that died"
+        " is then taken by another.",
+    )
+    job_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Claims of one analysis job whose worker stopped each time before it is"
+        " failed (a study that crashes workers cannot crash them all in turn).",
+    )
     models: list[str] = Field(
         default_factory=list,
         description="Names of the installed models to run (`triage models`); empty: all.",

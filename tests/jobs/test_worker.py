@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.conftest import make_analyzer, pydicom_file
+from triage.analysis import StudyAnalysis
 from triage.db import Database
 from triage.db.tables import JobRow, StudyRow
+from triage.domain import AIStatus
 from triage.ingest.assembly import complete_quiet_series
 from triage.ingest.store import ingest_instance
 from triage.jobs.worker import Worker
@@ -124,15 +126,51 @@ def test_head_ct_that_cannot_be_analysed_fails_open(worker: Worker, tmp_path: Pa
         assert study.routing and study.routing["model"] == "blast-ct-v1"
 
 
-def test_interrupted_jobs_are_requeued(worker: Worker, tmp_path: Path) -> None:
+def test_a_job_whose_worker_died_is_finished_by_another(
+    worker: Worker, tmp_path: Path, db: Database
+) -> None:
+    receive(worker, tmp_path, "RG3_UNCR.dcm")
+    dead = Worker(
+        db=db,
+        analyzer=worker.analyzer,
+        results_dir=tmp_path / "results",
+        quiet_seconds=1,
+        worker_id="dead:1",
+        lease_seconds=1,
+    )
+    claimed = dead.claim()  # claimed, then never renewed (a process killed with SIGKILL)
+    assert claimed is not None and claimed.attempts == 1
+    assert worker.claim() is None  # running jobs are not handed out twice
+    assert not worker.requeue_expired()  # its lease has not lapsed yet
+    with db.session() as s:  # time passes: the lease lapses
+        s.execute(update(JobRow).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert worker.requeue_expired().queued == (claimed.job_id,)
+    assert worker.run_one()
+    with worker.db.session() as s:
+        job = s.scalars(select(JobRow)).one()
+        assert (job.state, job.worker_id, job.attempts) == ("done", worker.worker_id, 2)
+        assert job.lease_expires_at is None
+    # The dead worker, had it come back, records nothing: the job is no longer its own.
+    assert not dead._record(claimed, StudyAnalysis(claimed.StudyInstanceUID, AIStatus.failed))
+    with worker.db.session() as s:
+        assert s.scalars(select(JobRow.state)).one() == "done"
+        assert s.scalars(select(StudyRow.ai_status)).one() == "no_applicable_model"
+
+
+def test_a_stopping_worker_gives_its_job_back(worker: Worker, tmp_path: Path) -> None:
     receive(worker, tmp_path, "RG3_UNCR.dcm")
     claimed = worker.claim()
     assert claimed is not None
-    assert worker.claim() is None  # running jobs are not handed out twice
-    assert worker.requeue_interrupted() == 1  # as at start after a crash
-    assert worker.run_one()
+    worker._current = claimed  # as run_one holds it while the analysis runs
+    worker.stop(timeout=0)
     with worker.db.session() as s:
-        assert s.scalars(select(JobRow.state)).one() == "done"
+        job = s.scalars(select(JobRow)).one()
+        assert (job.state, job.worker_id, job.lease_expires_at, job.attempts) == (
+            "queued",
+            None,
+            None,
+            0,  # a job given back does not count against its attempts
+        )
 
 
 def test_one_model_raising_leaves_the_others_findings_and_the_study_ranked(

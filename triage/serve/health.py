@@ -1,7 +1,8 @@
 """``/api/health``: whether each part of ``triage serve`` works, not only the web server.
 
 Components: the database (a query), the DICOM listener (its thread, its socket, descriptors
-below 1024 for associations, and a C-ECHO to itself), the worker threads, and the free disk
+below 1024 for associations, and a C-ECHO to itself), the worker threads (or, with the
+analysis in ``triage worker`` processes, the job queue: "external"), and the free disk
 space (input is refused below ``TRIAGE_MIN_FREE_BYTES``). The route answers 200 when all are
 healthy and 503 naming those that are not.
 """
@@ -24,6 +25,7 @@ from sqlalchemy import text
 
 from triage.db import Database
 from triage.ingest.scp import ScpOptions
+from triage.jobs.claims import queue_summary
 from triage.serve.descriptors import SELECT_LIMIT, DicomDescriptorGuard, free_select_descriptors
 
 # Fewer free descriptors below 1024 than this and DICOM associations are about to fail.
@@ -239,6 +241,27 @@ class DicomProbe:
         return ComponentStatus(ok, f"{where}: {answer}")
 
 
+def external_workers(db: Database) -> ComponentStatus:
+    """The analysis done by ``triage worker`` processes (``TRIAGE_EMBEDDED_WORKER=false``):
+    healthy as far as this process goes (its health does not depend on theirs), with the
+    queue as the database shows it. Only workers analysing hold a lease; idle ones are not
+    seen here."""
+    try:
+        q = queue_summary(db)
+    except Exception as exc:  # the database check names the failure
+        return ComponentStatus(True, f"external (triage worker); queue not read: {exc}"[:300])
+    waited = (
+        f", the oldest for {q.oldest_queued_seconds:.0f} s"
+        if q.oldest_queued_seconds is not None
+        else ""
+    )
+    return ComponentStatus(
+        True,
+        f"external (triage worker processes): {q.running} job(s) running, {q.live_leases} under"
+        f" a live lease by {q.workers} worker(s); {q.queued} queued{waited}",
+    )
+
+
 @dataclass
 class HealthChecks:
     """Every component check of ``triage serve``; call it for a :class:`HealthReport`.
@@ -250,6 +273,8 @@ class HealthChecks:
         worker_threads: the worker's threads (assembly and analysis), read at each check.
         dicom: the DICOM listener check; None when the listener is not started.
         models: which version of each model is served (and from where); None: not shown.
+        worker: the worker check when the analysis runs in other processes (replaces the
+            thread check; see :func:`external_workers`).
     """
 
     db: Database
@@ -258,6 +283,7 @@ class HealthChecks:
     worker_threads: Callable[[], Sequence[threading.Thread]]
     dicom: Callable[[], ComponentStatus] | None = None
     models: Callable[[], ComponentStatus] | None = None
+    worker: Callable[[], ComponentStatus] | None = None
 
     def __call__(self) -> HealthReport:
         dicom = (
@@ -268,7 +294,9 @@ class HealthChecks:
         components = {
             "database": check_database(self.db),
             "dicom": dicom,
-            "worker": check_threads(self.worker_threads(), "worker"),
+            "worker": self.worker()
+            if self.worker is not None
+            else check_threads(self.worker_threads(), "worker"),
             "disk": check_disk(self.disk_paths, self.min_free_bytes),
         }
         if self.models is not None:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from functools import partial
 
 import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
@@ -28,7 +29,7 @@ from triage.serve.app import create_app
 from triage.serve.auth import AuthConfig
 from triage.serve.connections import ConnectionLimits, limited_protocol
 from triage.serve.descriptors import DicomDescriptorGuard, raise_open_file_limit
-from triage.serve.health import ComponentStatus, DicomProbe, HealthChecks
+from triage.serve.health import ComponentStatus, DicomProbe, HealthChecks, external_workers
 from triage.worklist.priority import load_policy
 
 log = logging.getLogger(__name__)
@@ -55,35 +56,32 @@ class TriageService:
                 " CLI until one is made (`triage accounts add NAME --role admin"
                 " --password-stdin`)"
             )
-        self.analyzer = Analyzer.from_settings(settings)
-        self.analyzer.warm_up()
-        # Models served from an MLflow registry by alias (else the built-in weights).
-        self.model_watcher: RegistryWatcher | None = None
-        if settings.model_registry_uri:
-            source = RegistrySource(
-                settings.model_registry_uri,
-                alias=settings.model_registry_alias,
-                cache_dir=settings.resolved_model_cache_dir / "registry",
-            )
-            self.model_watcher = RegistryWatcher(
-                self.analyzer.registry, source, poll_seconds=settings.model_registry_poll_seconds
-            )
-            # The first study is analysed by the alias's version when the registry answers.
-            self.model_watcher.check_once()
         policy = load_policy(settings.policy_file)
+        # The models and the worker threads, unless `triage worker` processes analyse
+        # (TRIAGE_EMBEDDED_WORKER=false): then this process loads no model.
+        self.analyzer: Analyzer | None = None
+        self.model_watcher: RegistryWatcher | None = None
+        self.worker: Worker | None = None
+        if settings.embedded_worker:
+            self.analyzer = Analyzer.from_settings(settings)
+            self.analyzer.warm_up()
+            # Models served from an MLflow registry by alias (else the built-in weights).
+            if settings.model_registry_uri:
+                source = RegistrySource(
+                    settings.model_registry_uri,
+                    alias=settings.model_registry_alias,
+                    cache_dir=settings.resolved_model_cache_dir / "registry",
+                )
+                self.model_watcher = RegistryWatcher(
+                    self.analyzer.registry,
+                    source,
+                    poll_seconds=settings.model_registry_poll_seconds,
+                )
+                # The first study is analysed by the alias's version when the registry answers.
+                self.model_watcher.check_once()
+            self.worker = Worker.from_settings(settings, self.db, self.analyzer, policy=policy)
         # Events are queued for the webhook only when one is configured.
         webhook_kinds = frozenset(settings.webhook_kinds) if settings.webhook_url else frozenset()
-        self.worker = Worker(
-            db=self.db,
-            analyzer=self.analyzer,
-            results_dir=settings.results_dir,
-            quiet_seconds=settings.series_quiet_seconds,
-            poll_seconds=settings.worker_poll_seconds,
-            max_wait_seconds=settings.study_max_wait_seconds,
-            policy=policy,
-            webhook_kinds=webhook_kinds,
-            result_destinations=[d.name for d in settings.result_destinations],
-        )
         self.ingestor = Ingestor.from_settings(settings, self.db)
         stale = remove_stale_parts(settings.incoming_dir)
         if stale:
@@ -93,7 +91,9 @@ class TriageService:
             disk_paths=[settings.incoming_dir, settings.store_dir, settings.results_dir],
             min_free_bytes=settings.min_free_bytes,
             # The Worker keeps its threads private; only their liveness is read here.
-            worker_threads=self.worker.threads,
+            worker_threads=self.worker.threads if self.worker is not None else list,
+            # Analysis in `triage worker` processes: the job queue as the database shows it.
+            worker=None if self.worker is not None else partial(external_workers, self.db),
             models=self._models_status,
         )
         hosts = security.allowed_hosts(settings.http_allowed_hosts, settings.http_host)
@@ -178,6 +178,10 @@ class TriageService:
 
     def _models_status(self) -> ComponentStatus:
         """The version of each model served, and whether it comes from the registry."""
+        if self.analyzer is None:
+            return ComponentStatus(
+                True, "none loaded here: `triage worker` processes analyse (TRIAGE_EMBEDDED_WORKER)"
+            )
         served = self.model_watcher.serving() if self.model_watcher is not None else {}
         parts = []
         for spec in self.analyzer.registry.specs:
@@ -202,7 +206,8 @@ class TriageService:
         self.health.dicom = DicomProbe(
             self._scp, thread, options, guard=DicomDescriptorGuard(self._scp)
         )
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
         if self.model_watcher is not None:
             self.model_watcher.start()
         self.publisher.start()
@@ -260,7 +265,8 @@ class TriageService:
         if self._scp is not None:
             self._scp.shutdown()
             self._scp = None
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self.model_watcher is not None:
             self.model_watcher.stop()
         self.publisher.stop()
