@@ -27,6 +27,8 @@ Factory = Callable[[ModelSpec, "RuntimeOptions"], FindingModel[Any, Any]]
 FACTORIES: dict[str, str] = {
     "blast-ct": "triage.models.haemorrhage:build",
     "xrv-densenet": "triage.models.chest:build",
+    # SIMULATION ONLY (`triage simulate --replay`); no shipped spec has this kind.
+    "simulation-replay": "triage.simulate.replay_model:build",
 }
 
 
