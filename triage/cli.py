@@ -189,7 +189,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 @app.command()
 def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
     """Run the DICOM listener, the AI worker and the web server (settings: TRIAGE_*; ports
-    TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT)."""
+    TRIAGE_DICOM_PORT and TRIAGE_HTTP_PORT; TRIAGE_EMBEDDED_WORKER=false leaves the AI to
+    `triage worker` processes)."""
     _setup_logging(verbose)
     from triage.auth.ldap import LdapConfigError
     from triage.auth.oidc import OidcConfigError
@@ -224,6 +225,69 @@ def serve(data_dir: DataDir = None, verbose: Verbose = False) -> None:
             f"the DICOM port {settings.dicom_port} on {settings.dicom_host} is already in use:"
             " stop that program or set TRIAGE_DICOM_PORT to a free port"
         )
+
+
+@app.command("worker")
+def worker_cmd(
+    data_dir: DataDir = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where the models run: auto, cpu, cuda or cuda:N (one GPU per worker)."
+            " Default: TRIAGE_DEVICE.",
+            show_default=False,
+        ),
+    ] = None,
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="This worker's name in the jobs table, unique per process. Default:"
+            " <host name>:<process id>.",
+            show_default=False,
+        ),
+    ] = None,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            min=0,
+            help="On SIGTERM or Ctrl-C, seconds the study being analysed may take to finish"
+            " before it is given back to the queue (a second signal gives it back at once).",
+        ),
+    ] = 30.0,
+    verbose: Verbose = False,
+) -> None:
+    """Run the AI worker alone: assemble quiet studies and analyse queued ones, with no DICOM
+    or web listener. Any number share one database and file store with the `triage serve`
+    processes (TRIAGE_EMBEDDED_WORKER=false there; docs/deployment.md)."""
+    import re
+
+    _setup_logging(verbose)
+    settings = _settings(data_dir)
+    if device is not None:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+            _fail(f"--device {device}: use auto, cpu, cuda or cuda:N")
+        settings = settings.model_copy(update={"device": device})
+    if worker_id is not None and not 0 < len(worker_id) <= 128:
+        _fail("--id: 1 to 128 characters")
+    if not settings.store_dir.is_dir():
+        _fail(
+            f"no DICOM store at {settings.store_dir.resolve()}: a worker reads the files that"
+            " `triage serve` stores; give the shared data folder with --data-dir or"
+            " TRIAGE_DATA_DIR (the same path as the serve processes)"
+        )
+    db = _open_db(settings, create=False)
+    from triage.jobs.process import WorkerProcess, WorkerSetupError
+
+    try:
+        process = WorkerProcess(settings, db, worker_id=worker_id)
+    except WorkerSetupError as exc:
+        _fail(str(exc))
+    where = f"worker {process.worker.worker_id} on {process.device}  data {settings.data_dir}"
+    console.print(f"[bold]triage[/] {escape(printable(where))}", highlight=False)
+    raise typer.Exit(process.run(grace_seconds=grace))
 
 
 def _finding_text(f: dict[str, Any]) -> str:
@@ -267,6 +331,11 @@ def print_worklist(doc: dict[str, Any]) -> None:
             style=style,
         )
     console.print(table)
+    total = doc.get("total", len(doc["items"]))
+    if total > len(doc["items"]):
+        first = doc.get("offset", 0) + 1
+        shown = f"{first}-{first + len(doc['items']) - 1}" if doc["items"] else "none"
+        console.print(_cell(f"studies {shown} of {total} (--limit, --offset)"), highlight=False)
     for line in errors:
         console.print(_cell(line), highlight=False)
 
@@ -322,10 +391,14 @@ def models_cmd(
 @app.command()
 def worklist(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON document.")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Show the first N studies in reading order.")
+    ] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many first.")] = 0,
     data_dir: DataDir = None,
 ) -> None:
-    """Print the reading worklist from the database in the data folder (the same document as
-    GET /api/worklist)."""
+    """Print one page of the reading worklist from the database in the data folder (the same
+    document as GET /api/worklist)."""
     from triage.worklist.priority import load_policy
     from triage.worklist.service import worklist as build
 
@@ -334,7 +407,7 @@ def worklist(
         policy = load_policy(settings.policy_file)
     except (OSError, ValueError) as exc:
         _fail(f"cannot read the policy file {settings.policy_file} (TRIAGE_POLICY_FILE): {exc}")
-    doc = build(_open_db(settings, create=False), config=policy)
+    doc = build(_open_db(settings, create=False), config=policy, limit=limit, offset=offset)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -653,6 +726,33 @@ def simulate_cmd(
             " studies_per_day, ai_latency_minutes. Repeat for a second parameter.",
         ),
     ] = None,
+    replay: Annotated[
+        str | None,
+        typer.Option(
+            "--replay",
+            help="URL of a running server started with --replay-setup's settings: replay the"
+            " day (seed) through its HTTP API, readers as clients, and compare its ordering"
+            " with the simulated ones (replay.json, replay.md).",
+        ),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option("--tokens", help="With --replay: the tokens file --replay-setup wrote."),
+    ] = None,
+    speed: Annotated[
+        float,
+        typer.Option("--speed", help="With --replay(-setup): simulated minutes per real minute."),
+    ] = 600.0,
+    replay_setup: Annotated[
+        Path | None,
+        typer.Option(
+            "--replay-setup",
+            help="Write a replay server's settings to this folder (the policy scaled by"
+            " --speed, the SIMULATION-ONLY replay model's spec, replay.env, accounts and"
+            " tokens.json) and print how to start it.",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Simulate a reading service: FIFO vs the triage policy on the same studies."""
     from pydantic import ValidationError
@@ -684,6 +784,25 @@ def simulate_cmd(
         cfg = cfg.model_copy(update={"seed": seed})
     # The tables are wider than 80 columns (the width rich assumes off a terminal).
     wide = console if console.width >= 130 else Console(width=130)
+    if replay is not None or replay_setup is not None:
+        from triage.simulate.replay import ReplayError
+        from triage.simulate.replay_cli import replay_main, setup_main
+
+        try:
+            if sweep or (replay is not None and replay_setup is not None):
+                raise ReplayError("--replay, --replay-setup and --sweep go one at a time")
+            if data_dir is not None and replay_setup is None:
+                raise ReplayError("--data-dir goes with --replay-setup (the server's data folder)")
+            if replay_setup is not None:
+                setup_main(
+                    cfg, replay_setup, speed, data_dir=data_dir, config_path=config, console=console
+                )
+            else:
+                assert replay is not None
+                replay_main(cfg, replay, tokens, speed, out=out, console=console, wide=wide)
+        except ReplayError as exc:
+            _fail(str(exc))
+        return
     if sweep:
         try:
             parameters = [parse_sweep(spec) for spec in sweep]
