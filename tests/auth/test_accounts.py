@@ -101,6 +101,11 @@ def test_tokens_are_shown_once_kept_hashed_and_revocable(db: Database) -> None:
     account = resolve_token(db, token, now=T0)
     assert account is not None and account.username == "ris" and account.role == Role.integration
     assert list_tokens(db, "ris")[0].last_used_at == T0
+    # Used again within a minute: not written again (a request is not a write); later, it is.
+    assert resolve_token(db, token, now=T0 + timedelta(seconds=30)) is not None
+    assert list_tokens(db, "ris")[0].last_used_at == T0
+    assert resolve_token(db, token, now=T0 + timedelta(seconds=61)) is not None
+    assert list_tokens(db, "ris")[0].last_used_at == T0 + timedelta(seconds=61)
     assert resolve_token(db, token + "x", now=T0) is None
     assert resolve_token(db, "Bearer " + token, now=T0) is None
     assert resolve_token(db, token, now=T0 + timedelta(days=2)) is None  # expired

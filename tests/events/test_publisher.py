@@ -86,9 +86,7 @@ def test_publisher_emits_claims_findings_and_completion(db: Database) -> None:
     assert moved["1.2"]["tier"] == "critical"
     assert list(moved) == ["1.2"]
     assert task.StudyInstanceUID == "1.2" and task.payload["priority"] == "stat"
-    assert task.payload["extension"][0]["extension"][0]["valueCode"] == (
-        "intracranial_haemorrhage"
-    )
+    assert task.payload["extension"][0]["extension"][0]["valueCode"] == ("intracranial_haemorrhage")
 
     # Read: the study leaves the worklist as "completed", its Task is completed.
     queue.complete(db, "1.2", "alice")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -126,6 +126,12 @@ def revoke_token(db: Database, token_id: int, *, now: datetime | None = None) ->
         return _info(row, username)
 
 
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+"""How stale a token's ``last_used_at`` may be: a token used again within this time is
+not written again, so that a client's every request is not a write (on SQLite the one
+writer at a time; every write a commit)."""
+
+
 def resolve_token(db: Database, token: str, *, now: datetime | None = None) -> Account | None:
     """The account a presented token signs in, or None (unknown, revoked, expired, disabled)."""
     if not token.startswith(PREFIX) or len(token) > 128:
@@ -143,5 +149,7 @@ def resolve_token(db: Database, token: str, *, now: datetime | None = None) -> A
         expires = _aware(row.expires_at)
         if row.revoked_at is not None or account.disabled or (expires and expires <= now):
             return None
-        s.execute(update(ApiTokenRow).where(ApiTokenRow.id == row.id).values(last_used_at=now))
+        last_used = _aware(row.last_used_at)
+        if last_used is None or now - last_used >= LAST_USED_RESOLUTION or now < last_used:
+            s.execute(update(ApiTokenRow).where(ApiTokenRow.id == row.id).values(last_used_at=now))
         return Account.of(account)

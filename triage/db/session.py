@@ -13,6 +13,10 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_MAX_THREADS = 40
+"""A connection for each of the HTTP server's worker threads (AnyIO's default limit of 40):
+a request never waits for a connection another is not using (PostgreSQL's
+``max_connections`` must cover this per process; docs/deployment.md)."""
 _MIGRATION_LOCK = 0x7472_6961_6765_0000
 """The PostgreSQL advisory lock held while migrating ("triage" + 0)."""
 
@@ -22,7 +26,12 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # No pre-ping: a local file has no connection to lose, and the ping is a query per
         # session (one per received instance).
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=10,
+            max_overflow=_MAX_THREADS - 10,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -35,7 +44,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=_MAX_THREADS - 10)
 
 
 def alembic_config(url: str) -> Config:

@@ -24,7 +24,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from triage.domain import AIStatus, ReadState, SeriesState
 
-
 RANK_STALE = datetime(1970, 1, 1, tzinfo=UTC)
 """``studies.rank_valid_until`` of a study whose worklist rank must be computed again."""
 
@@ -84,7 +83,10 @@ class StudyRow(Base):
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rank_reasons: Mapped[list[str] | None] = mapped_column(JSON)
     rank_valid_until: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=RANK_STALE, server_default="1970-01-01 00:00:00", index=True
+        DateTime(timezone=True),
+        default=RANK_STALE,
+        server_default="1970-01-01 00:00:00",
+        index=True,
     )
     rank_valid_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rank_policy: Mapped[str | None] = mapped_column(String(16), index=True)

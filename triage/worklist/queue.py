@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db import Database
-from triage.db.tables import RANK_STALE, StudyRow
+from triage.db.tables import StudyRow
 from triage.domain import ReadState
 from triage.worklist import rank
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig
@@ -147,7 +147,7 @@ def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None 
         "completed_by": reader,
         "completed_at": now,
         "claim_expires_at": None,
-        "rank_valid_until": RANK_STALE,  # ranked again: after the waiting studies
+        **rank.read_placement(now),  # after the waiting studies, the latest read first
     }
     _transition(db, study_uid, reader, now, _held_by(reader, now), values)
 

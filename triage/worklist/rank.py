@@ -7,8 +7,9 @@ changed and keeps the result on the study's row — the sort key (``rank_tier``,
 tier, deadline and reasons — with the moment it stops being true:
 
 - a change of what the policy reads (a new study, a new series, an order priority, the AI's
-  findings, the study read) sets ``rank_valid_until`` to :data:`RANK_STALE` in the
-  transaction that makes the change;
+  findings) sets ``rank_valid_until`` to :data:`RANK_STALE` in the transaction that makes
+  the change (database triggers, migration 0010); the UPDATE that completes a study sets
+  its placement after the waiting ones (:func:`read_placement`);
 - a change of time alone (a queued study becoming due soon, a due-soon one overdue) is
   known in advance: ``rank_valid_until`` is that moment;
 - a study ranked under another policy configuration (``rank_policy``, the configuration's
@@ -122,6 +123,20 @@ def _valid_until(tier: str, deadline: datetime, sla: timedelta, config: PolicyCo
     return FOREVER  # critical and overdue stay so
 
 
+def read_placement(completed_at: datetime) -> dict[str, Any]:
+    """The kept placement of a study read at ``completed_at``: after every waiting study,
+    the latest read first (set by the UPDATE that completes it)."""
+    return {
+        "tier": "read",
+        "rank_tier": READ_TIER,
+        "rank_severity": 0,
+        "rank_a": -completed_at.timestamp(),
+        "rank_b": 0.0,
+        "rank_c": 0.0,
+        "rank_valid_until": FOREVER,
+    }
+
+
 def rank_study(study: StudyRow, now: datetime, config: PolicyConfig) -> None:
     """Compute the study's placement with the policy and keep it on the row."""
     study.modalities = _tags(modalities(study))
@@ -134,11 +149,8 @@ def rank_study(study: StudyRow, now: datetime, config: PolicyConfig) -> None:
     study.deadline = deadline
     study.rank_reasons = reasons
     if study.read_state == ReadState.completed:
-        completed = _utc(study.completed_at) or now
-        study.tier = "read"
-        study.rank_tier, study.rank_severity = READ_TIER, 0
-        study.rank_a, study.rank_b, study.rank_c = -completed.timestamp(), 0.0, 0.0
-        study.rank_valid_until = FOREVER
+        for name, value in read_placement(_utc(study.completed_at) or now).items():
+            setattr(study, name, value)
         return
     sla = timedelta(minutes=float(config.sla_minutes.get(cls, config.sla_minutes["routine"])))
     study.tier = tier

@@ -5,7 +5,8 @@ modalities and subspecialties for filtering in SQL); job leases for worker proce
 The rank is marked stale (``rank_valid_until`` long ago) by triggers, in the transaction of
 any change of what the priority policy reads, whichever process or code path makes it: a
 finding added, changed or removed; a series added or removed (modalities, subspecialties);
-a study's order priority, location class, arrival, AI status or being read. (On SQLite a
+a study's order priority, location class, arrival or AI status. (A study being read gets
+its placement after the waiting ones in the completing UPDATE itself.) (On SQLite a
 later migration that rebuilds ``studies``, ``series`` or ``findings`` in batch mode must
 create these triggers again.)
 
@@ -69,20 +70,17 @@ def upgrade() -> None:
     _create_triggers()
 
 
-_COMPLETED = "'completed'"
 _STUDY_COLUMNS = ("order_priority", "location_class", "first_received_at", "ai_status")
 
 
 def _study_changed(distinct: str) -> str:
     """The WHEN condition of the studies trigger (``distinct``: the dialect's IS DISTINCT)."""
-    terms = [f"OLD.{c} {distinct} NEW.{c}" for c in _STUDY_COLUMNS]
-    terms.append(f"(OLD.read_state = {_COMPLETED}) <> (NEW.read_state = {_COMPLETED})")
-    return " OR ".join(terms)
+    return " OR ".join(f"OLD.{c} {distinct} NEW.{c}" for c in _STUDY_COLUMNS)
 
 
 def _create_triggers() -> None:
     dialect = op.get_bind().dialect.name
-    columns = ", ".join((*_STUDY_COLUMNS, "read_state"))
+    columns = ", ".join(_STUDY_COLUMNS)
     if dialect == "postgresql":
         op.execute(
             f"""
