@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -26,11 +26,14 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # No pre-ping: a local file has no connection to lose, and the ping is a query per
         # session (one per received instance).
+        # A file's pool: a connection per HTTP thread (WAL lets readers run beside the one
+        # writer). An in-memory database keeps SQLAlchemy's one-connection pool.
+        in_memory = make_url(url).database in (None, "", ":memory:")
+        pool: dict[str, Any] = (
+            {} if in_memory else {"pool_size": 10, "max_overflow": _MAX_THREADS - 10}
+        )
         engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=10,
-            max_overflow=_MAX_THREADS - 10,
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
         )
 
         @event.listens_for(engine, "connect")

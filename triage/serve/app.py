@@ -50,6 +50,7 @@ from triage.serve import (
 )
 from triage.serve.auth import (
     SESSION_COOKIE,
+    AuditInTransaction,
     AuthConfig,
     Claim,
     Review,
@@ -280,6 +281,7 @@ def create_app(
         """Claim, for the signed-in reader, the first study in reading order they may take
         (204: none waiting). The body is optional."""
         body = body or NextRequest()
+        record = AuditInTransaction(request, "claim", principal=principal, detail={"next": True})
         try:
             item = queue.claim_next(
                 db,
@@ -288,6 +290,7 @@ def create_app(
                 subspecialties=body.subspecialties,
                 lease=timedelta(seconds=body.lease_seconds or request.app.state.lease_seconds),
                 config=request.app.state.policy,
+                record=record,
             )
         except queue.ClaimError as exc:
             audit(
@@ -301,14 +304,7 @@ def create_app(
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
         if item is None:
             return Response(status_code=204)
-        audit(
-            request,
-            "claim",
-            principal=principal,
-            target_kind="study",
-            target=item["StudyInstanceUID"],
-            detail={"next": True},
-        )
+        record.committed()
         return JSONResponse(item)
 
     @app.post("/api/studies/{study_uid}/acknowledge")
@@ -391,16 +387,17 @@ def create_app(
             raise HTTPException(status_code=404, detail="unknown action")
         lease = timedelta(seconds=body.lease_seconds or request.app.state.lease_seconds)
         reader = principal.username
+        record = AuditInTransaction(request, action, principal=principal)
         try:
             if action == "claim":
-                expires = queue.claim(db, study_uid, reader, lease=lease)
+                expires = queue.claim(db, study_uid, reader, lease=lease, record=record)
             elif action == "renew":
-                expires = queue.renew(db, study_uid, reader, lease=lease)
+                expires = queue.renew(db, study_uid, reader, lease=lease, record=record)
             elif action == "release":
-                queue.release(db, study_uid, reader)
+                queue.release(db, study_uid, reader, record=record)
                 expires = None
             else:
-                queue.complete(db, study_uid, reader)
+                queue.complete(db, study_uid, reader, record=record)
                 expires = None
         except queue.ClaimError as exc:
             audit(
@@ -413,7 +410,7 @@ def create_app(
                 detail={"reason": str(exc)},
             )
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
-        audit(request, action, principal=principal, target_kind="study", target=study_uid)
+        record.committed()
         return {
             "StudyInstanceUID": study_uid,
             "reader": reader,

@@ -17,14 +17,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Connection
 
-from triage.audit.chain import AuditEvent, Outcome, append
+from triage.audit.chain import AuditEvent, Outcome, append, append_in
 from triage.auth.accounts import Account
 from triage.auth.ldap import LdapSettings
 from triage.auth.oidc import Provider
@@ -198,6 +199,29 @@ def document_permissions(app: FastAPI) -> None:
     walk(app.routes)
 
 
+def _event(
+    request: Request,
+    action: str,
+    *,
+    principal: Principal | None,
+    actor: str | None,
+    outcome: Outcome,
+    target_kind: str | None,
+    target: str | None,
+    detail: Mapping[str, Any] | None,
+) -> AuditEvent:
+    return AuditEvent(
+        action=action,
+        outcome=outcome,
+        actor=principal.username if principal else actor,
+        actor_role=principal.account.role.value if principal else None,
+        target_kind=target_kind,
+        target=target,
+        source_address=client_address(request),
+        detail=dict(detail or {}),
+    )
+
+
 def audit(
     request: Request,
     action: str,
@@ -211,19 +235,62 @@ def audit(
 ) -> int:
     """Append one audit record of this request (who, from where, what); returns its id."""
     db: Database = request.app.state.db
-    return append(
-        db,
-        AuditEvent(
-            action=action,
-            outcome=outcome,
-            actor=principal.username if principal else actor,
-            actor_role=principal.account.role.value if principal else None,
-            target_kind=target_kind,
-            target=target,
-            source_address=client_address(request),
-            detail=dict(detail or {}),
-        ),
+    event = _event(
+        request,
+        action,
+        principal=principal,
+        actor=actor,
+        outcome=outcome,
+        target_kind=target_kind,
+        target=target,
+        detail=detail,
     )
+    return append(db, event)
+
+
+class AuditInTransaction:
+    """The audit record of a successful change, written in the change's own transaction
+    (``worklist.queue``'s ``record``: one commit for both, and no change without its record)
+    and sent to the ATNA repository once committed (:meth:`committed`)."""
+
+    def __init__(
+        self,
+        request: Request,
+        action: str,
+        *,
+        principal: Principal,
+        target_kind: str = "study",
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.request = request
+        self.action = action
+        self.principal = principal
+        self.target_kind = target_kind
+        self.detail = detail
+        self._written: list[tuple[AuditEvent, datetime]] = []
+
+    def __call__(self, conn: Connection, target: str) -> None:
+        event = _event(
+            self.request,
+            self.action,
+            principal=self.principal,
+            actor=None,
+            outcome=Outcome.success,
+            target_kind=self.target_kind,
+            target=target,
+            detail=self.detail,
+        )
+        at = datetime.now(UTC)
+        append_in(conn, event, now=at)
+        self._written.append((event, at))
+
+    def committed(self) -> None:
+        """Send what was written to the ATNA repository (when one is configured)."""
+        from triage.audit import atna  # late: as audit.chain.append does
+
+        for event, at in self._written:
+            atna.emit(event, at)
+        self._written.clear()
 
 
 SignedIn = Annotated[Principal, Depends(require(None))]

@@ -10,11 +10,11 @@ LOCKED`` when picking the next study so that concurrent readers do not queue on 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db import Database
@@ -81,6 +81,11 @@ def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+Record = Callable[[Connection, str], None]
+"""Called with the transaction's connection and the study's UID once a change is made and
+before it commits: the audit record of the change commits with it (one commit, not two)."""
+
+
 def _transition(
     db: Database,
     study_uid: str,
@@ -88,6 +93,7 @@ def _transition(
     now: datetime,
     condition: ColumnElement[bool],
     values: dict[str, Any],
+    record: Record | None = None,
 ) -> None:
     """One conditional UPDATE of a study's claim; an explained ClaimError when it fails."""
     check_reader(reader)
@@ -99,6 +105,8 @@ def _transition(
         )
         if _rowcount(result) != 1:
             raise _explain(s, study_uid, reader, now)
+        if record is not None:
+            record(s.connection(), study_uid)
 
 
 def claim(
@@ -108,12 +116,14 @@ def claim(
     *,
     lease: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
+    record: Record | None = None,
 ) -> datetime:
     """Claim one study (or renew the reader's own claim). Returns the lease's end."""
     now = now or datetime.now(UTC)
     expires = now + lease
     values = {"read_state": ReadState.claimed, "claimed_by": reader, "claim_expires_at": expires}
-    _transition(db, study_uid, reader, now, or_(claimable(now), _held_by(reader, now)), values)
+    condition = or_(claimable(now), _held_by(reader, now))
+    _transition(db, study_uid, reader, now, condition, values, record)
     return expires
 
 
@@ -124,22 +134,38 @@ def renew(
     *,
     lease: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
+    record: Record | None = None,
 ) -> datetime:
     """Extend the reader's own lease (409 when it is not theirs any more)."""
     now = now or datetime.now(UTC)
     expires = now + lease
-    _transition(db, study_uid, reader, now, _held_by(reader, now), {"claim_expires_at": expires})
+    values = {"claim_expires_at": expires}
+    _transition(db, study_uid, reader, now, _held_by(reader, now), values, record)
     return expires
 
 
-def release(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
+def release(
+    db: Database,
+    study_uid: str,
+    reader: str,
+    *,
+    now: datetime | None = None,
+    record: Record | None = None,
+) -> None:
     """Give the study back to the queue, unread."""
     now = now or datetime.now(UTC)
     values = {"read_state": ReadState.unread, "claimed_by": None, "claim_expires_at": None}
-    _transition(db, study_uid, reader, now, _held_by(reader, now), values)
+    _transition(db, study_uid, reader, now, _held_by(reader, now), values, record)
 
 
-def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None = None) -> None:
+def complete(
+    db: Database,
+    study_uid: str,
+    reader: str,
+    *,
+    now: datetime | None = None,
+    record: Record | None = None,
+) -> None:
     """Mark the study read by the reader holding it."""
     now = now or datetime.now(UTC)
     values = {
@@ -149,7 +175,7 @@ def complete(db: Database, study_uid: str, reader: str, *, now: datetime | None 
         "claim_expires_at": None,
         **rank.read_placement(now),  # after the waiting studies, the latest read first
     }
-    _transition(db, study_uid, reader, now, _held_by(reader, now), values)
+    _transition(db, study_uid, reader, now, _held_by(reader, now), values, record)
 
 
 def claim_next(
@@ -161,6 +187,7 @@ def claim_next(
     lease: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
     config: PolicyConfig = DEFAULT_POLICY,
+    record: Record | None = None,
 ) -> dict[str, Any] | None:
     """Claim the first study in reading order that the reader may take (filters applied).
 
@@ -203,6 +230,8 @@ def claim_next(
             study = s.scalars(
                 select(StudyRow).where(StudyRow.id == study_id).options(*service.ITEM_LOADS)
             ).one()
+            if record is not None:
+                record(s.connection(), study.StudyInstanceUID)
             return service.study_item(
                 s, study, now, modalities=modalities, subspecialties=subspecialties
             )
