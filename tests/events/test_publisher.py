@@ -144,3 +144,30 @@ def test_publisher_thread_runs_and_stops(db: Database) -> None:
     finally:
         pub.stop()
     assert pub._thread is None
+
+
+def test_one_publisher_per_database_and_another_takes_over(db: Database) -> None:
+    """Two serve processes on one PostgreSQL: one publishes (the advisory lock); when it
+    stops, the other takes over with a resync. (On SQLite each publishes: one serve.)"""
+    if db.engine.dialect.name != "postgresql":
+        return
+    add_study(db, "4.1", 5)
+    other = Database(db.engine.url.render_as_string(hide_password=False))
+    first, second = Publisher(db), Publisher(other)
+    cursor = outbox.EventCursor(0)
+    try:
+        assert first.tick() == 1  # the elected one: its resync
+        assert second.tick() == 0  # not elected: nothing, whatever changed
+        queue.claim(db, "4.1", "alice")
+        assert second.tick() == 0
+        assert first.tick() == 2  # the change and its Task, once
+        kinds = [e.kind for e in drain(db, cursor)]
+        assert kinds == ["worklist_changed", "worklist_changed", "task"]
+        first.stop()  # its connection, and the lock, go
+        assert second.tick() == 1
+        (resync,) = drain(db, cursor)
+        assert resync.payload["resync"] is True
+    finally:
+        first.stop()
+        second.stop()
+        other.dispose()

@@ -145,9 +145,12 @@ class _Leadership:
         return True
 
     def release(self) -> None:
+        """Give the lock up: its database session is ended, not returned to the pool (a
+        pooled session would keep holding the session-level lock)."""
         if self._conn is not None:
             try:
-                self._conn.close()  # the session-level lock goes with the connection
+                self._conn.invalidate()  # closes the session, and the lock goes with it
+                self._conn.close()
             except Exception:
                 log.debug("closing the publisher's connection failed", exc_info=True)
             self._conn = None
