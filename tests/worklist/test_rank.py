@@ -185,6 +185,21 @@ def test_completed_studies_leave_and_come_last_when_asked(db: Database) -> None:
     assert both["items"][1]["tier"] == "read"
 
 
+def test_findings_recorded_while_the_study_is_read_still_class_it(db: Database) -> None:
+    """The AI's result can land after the study was claimed and before it is completed:
+    completing must not hide that its placement is stale."""
+    now = datetime.now(UTC)
+    add_study(db, "12.1", 5, priority="STAT", now=now)
+    assert worklist(db, now=now)["items"][0]["priority_class"] == "stat"
+    queue.claim(db, "12.1", "alice", now=now)
+    _flag(db, "12.1")  # recorded while alice reads it; no read of the worklist in between
+    queue.complete(db, "12.1", "alice", now=now)
+    (item,) = worklist(db, now=now, include_completed=True)["items"]
+    assert item["read_state"] == "completed" and item["tier"] == "read"
+    assert item["priority_class"] == "critical"
+    assert "ai:intracranial_haemorrhage" in item["reasons"]
+
+
 def test_next_hands_each_study_out_once_under_concurrency(db: Database) -> None:
     now = datetime.now(UTC)
     for i in range(40):

@@ -124,8 +124,10 @@ def _valid_until(tier: str, deadline: datetime, sla: timedelta, config: PolicyCo
 
 
 def read_placement(completed_at: datetime) -> dict[str, Any]:
-    """The kept placement of a study read at ``completed_at``: after every waiting study,
-    the latest read first (set by the UPDATE that completes it)."""
+    """The kept sort key of a study read at ``completed_at``: after every waiting study, the
+    latest read first (set by the UPDATE that completes it, which leaves
+    ``rank_valid_until`` as it is: a study marked stale meanwhile, say by findings recorded
+    while it was being read, is still ranked again for its class and reasons)."""
     return {
         "tier": "read",
         "rank_tier": READ_TIER,
@@ -133,7 +135,6 @@ def read_placement(completed_at: datetime) -> dict[str, Any]:
         "rank_a": -completed_at.timestamp(),
         "rank_b": 0.0,
         "rank_c": 0.0,
-        "rank_valid_until": FOREVER,
     }
 
 
@@ -151,6 +152,7 @@ def rank_study(study: StudyRow, now: datetime, config: PolicyConfig) -> None:
     if study.read_state == ReadState.completed:
         for name, value in read_placement(_utc(study.completed_at) or now).items():
             setattr(study, name, value)
+        study.rank_valid_until = FOREVER
         return
     sla = timedelta(minutes=float(config.sla_minutes.get(cls, config.sla_minutes["routine"])))
     study.tier = tier
