@@ -205,18 +205,19 @@ def database_backends() -> list[str]:
     return ["sqlite"] + (["postgresql"] if os.environ.get("TRIAGE_TEST_POSTGRES_URL") else [])
 
 
-@pytest.fixture(params=database_backends())
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a new PostgreSQL database (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'triage.db'}"
-        return
+@contextmanager
+def new_postgresql_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database on TRIAGE_TEST_POSTGRES_URL's server, dropped after
+    (skips the test when no server is named)."""
     import uuid
 
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    server = make_url(os.environ["TRIAGE_TEST_POSTGRES_URL"])
+    server_url = os.environ.get("TRIAGE_TEST_POSTGRES_URL")
+    if not server_url:
+        pytest.skip("runs on PostgreSQL only (set TRIAGE_TEST_POSTGRES_URL)")
+    server = make_url(server_url)
     name = f"triage_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -227,6 +228,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=database_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'triage.db'}"
+        return
+    with new_postgresql_database() as url:
+        yield url
 
 
 @pytest.fixture()

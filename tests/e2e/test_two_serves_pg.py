@@ -6,10 +6,8 @@ to both), end as one study with every instance stored once, analysed once."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -18,10 +16,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
-from tests.conftest import pydicom_file
+from tests.conftest import new_postgresql_database, pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow, JobRow, SeriesRow, StudyRow
 from triage.demo.run import dcmtk_env, storescu_commands
@@ -36,20 +33,8 @@ PER_SERIES = 8
 @pytest.fixture()
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database (dropped after); skips without a server."""
-    server_url = os.environ.get("TRIAGE_TEST_POSTGRES_URL")
-    if not server_url:
-        pytest.skip("runs on PostgreSQL only (set TRIAGE_TEST_POSTGRES_URL)")
-    server = make_url(server_url)
-    name = f"triage_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with new_postgresql_database() as url:
+        yield url
 
 
 def write_study(folder: Path) -> list[list[Path]]:

@@ -20,19 +20,16 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, new_postgresql_database
 from tests.e2e.conftest import send
 from tests.jobs.gated_model import FINDING, NAME, TRIAGE, entered, open_gate, write_spec
 from triage.db import Database
@@ -169,25 +166,6 @@ def external_worker_detail(server: ServerProcess) -> str:
     assert health.status_code == 200, health.text
     detail: str = health.json()["components"]["worker"]["detail"]
     return detail
-
-
-@contextmanager
-def new_postgresql_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database on TRIAGE_TEST_POSTGRES_URL's server (dropped after)."""
-    server_url = os.environ.get("TRIAGE_TEST_POSTGRES_URL")
-    if not server_url:
-        pytest.skip("runs on PostgreSQL only (set TRIAGE_TEST_POSTGRES_URL)")
-    server = make_url(server_url)
-    name = f"triage_workers_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def serve(data_dir: Path, env: dict[str, str], name: str) -> ServerProcess:

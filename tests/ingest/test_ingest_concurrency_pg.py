@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import queue
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +23,9 @@ from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import select, update
 
-from tests.conftest import pydicom_file
+from tests.conftest import new_postgresql_database, pydicom_file
 from triage.db import Database
 from triage.db.tables import InstanceRow, QuarantineRow, SeriesRow, StudyRow
 from triage.domain import AIStatus, SeriesState
@@ -41,24 +38,11 @@ ROOT = "1.2.826.0.1.3680043.8.498.4242"
 @pytest.fixture()
 def pg_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database (dropped after); skips without a server."""
-    server_url = os.environ.get("TRIAGE_TEST_POSTGRES_URL")
-    if not server_url:
-        pytest.skip("runs on PostgreSQL only (set TRIAGE_TEST_POSTGRES_URL)")
-    server = make_url(server_url)
-    name = f"triage_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = server.set(database=name).render_as_string(hide_password=False)
-    try:
+    with new_postgresql_database() as url:
         db = Database(url)
         db.migrate()
         db.dispose()
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def instance(study: int, series: int, number: int, **changes: Any) -> bytes:
