@@ -88,19 +88,6 @@ def _load(s: Session, uids: Collection[str]) -> dict[str, StudyRow]:
     return out
 
 
-def study_outside_worklist(
-    db: Database, study_uid: str, now: datetime, config: PolicyConfig = DEFAULT_POLICY
-) -> dict[str, Any] | None:
-    """A study as an item without a rank (a study that has been read: tier ``read``).
-
-    Returns None when the study is unknown.
-    """
-    with db.session() as s:
-        service.ranked(s, None, config)
-        study = _load(s, [study_uid]).get(study_uid)
-        return None if study is None else service.item_of(study, None, now)
-
-
 def study_item(
     db: Database, study_uid: str, now: datetime, config: PolicyConfig = DEFAULT_POLICY
 ) -> dict[str, Any] | None:

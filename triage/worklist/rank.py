@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, or_, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
-from triage.db.tables import RANK_STALE, StudyRow
+from triage.db.tables import StudyRow
 from triage.domain import Finding, ReadState
 from triage.preprocess.routing import regions_from_text
 from triage.worklist.priority import DEFAULT_POLICY, PolicyConfig, StudyContext, place
@@ -213,13 +213,6 @@ def refresh(
         done += len(rows)
         if len(ids) < _BATCH or not rows:
             return done
-
-
-def mark_stale(session: Session, study_id: int) -> None:
-    """The study's placement must be computed again (call in the changing transaction)."""
-    session.execute(
-        update(StudyRow).where(StudyRow.id == study_id).values(rank_valid_until=RANK_STALE)
-    )
 
 
 def waiting() -> ColumnElement[bool]:
